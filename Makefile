@@ -1,0 +1,41 @@
+# Everything installs into .venv/ at the repo root. Only torch is pinned here: 2.13.0 is the CPU
+# wheel these machines carry; pyproject keeps a range so GPU clusters bring their own CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+TORCH  ?= torch==2.13.0
+CONFIG ?= conf/default.yaml
+
+.PHONY: install test demo prepare zip bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[test,bench]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+prepare: install
+	$(PY) -m spark_jobs.prepare --config $(CONFIG)
+
+demo: install
+	$(PY) -m spark_jobs.prepare --config $(CONFIG)
+
+# common/ (and spark_jobs/) zipped for `spark-submit --py-files` on a cluster.
+zip: dist/common.zip
+
+dist/common.zip: $(shell find common spark_jobs -name '*.py')
+	mkdir -p dist
+	$(PYTHON) -c "import pathlib, zipfile; z = zipfile.ZipFile('$@', 'w', zipfile.ZIP_DEFLATED); [z.write(p) for d in ('common', 'spark_jobs') for p in sorted(pathlib.Path(d).rglob('*.py'))]; z.close()"
+
+bench: install
+	$(PY) bench/mutual_info.py
+
+clean:
+	rm -rf $(VENV) dist data runs .pytest_cache
