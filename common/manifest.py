@@ -68,10 +68,12 @@ def write_manifest(prepared: str, manifest: dict[str, Any]) -> None:
     fs.move(tmp, f"{folder}/{MANIFEST_NAME}")
 
 
-def merge_section(prepared: str, section: str, content: dict[str, Any], **top_level: Any) -> dict[str, Any]:
-    """Read-modify-write one section of the manifest (creating the manifest if needed)."""
+def merge_sections(prepared: str, sections: dict[str, Any]) -> dict[str, Any]:
+    """Read-modify-write top-level sections of the manifest (creating it if needed).
+
+    Used when one job is rerun on its own; ``spark_jobs.prepare`` writes the whole manifest once.
+    """
     manifest = read_manifest(prepared) if manifest_exists(prepared) else {"version": MANIFEST_VERSION}
-    manifest[section] = content
-    manifest.update(top_level)
+    manifest.update(sections)
     write_manifest(prepared, manifest)
     return manifest

@@ -24,10 +24,14 @@ def _hadoop_fs(spark: SparkSession, path: str) -> tuple[Any, Any]:
     return jpath.getFileSystem(conf), jpath
 
 
-def _qualify(path: str) -> str:
+def qualify(path: str) -> str:
+    """Absolute local path, or the URI unchanged."""
     import os
 
     return path if "://" in path else os.path.abspath(path)
+
+
+_qualify = qualify
 
 
 def path_exists(spark: SparkSession, path: str) -> bool:
