@@ -90,6 +90,10 @@ class SyntheticConfig:
     never_clicked_fraction: float = 0.05
     # Probability that a click follows the user's preferred category rather than global popularity.
     preference_strength: float = 0.8
+    # Clickable items that are "new": all their clicks fall in the last ``new_item_window`` of the
+    # timeline, so a time split puts them in eval only (cold items, never seen in train).
+    new_item_fraction: float = 0.05
+    new_item_window: float = 0.05
     seed: int = 7
     num_partitions: int = 4
 
@@ -106,6 +110,10 @@ class SyntheticConfig:
             raise ConfigError("dataset.synthetic.never_clicked_fraction must be in [0, 1)")
         if not 0.0 <= self.preference_strength <= 1.0:
             raise ConfigError("dataset.synthetic.preference_strength must be in [0, 1]")
+        if not 0.0 <= self.new_item_fraction < 1.0:
+            raise ConfigError("dataset.synthetic.new_item_fraction must be in [0, 1)")
+        if not 0.0 < self.new_item_window <= 1.0:
+            raise ConfigError("dataset.synthetic.new_item_window must be in (0, 1]")
         if self.zipf_exponent <= 0:
             raise ConfigError("dataset.synthetic.zipf_exponent must be > 0")
 
@@ -177,6 +185,12 @@ class FeaturesConfig:
     user: Mapping[str, FeatureDecl] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        both = sorted(set(self.item) & set(self.user))
+        if both:
+            raise ConfigError(
+                f"features {both} are declared under both features.item and features.user; feature "
+                f"names must be unique (they name vocab/<feature>/ tables), rename one side"
+            )
         for side, feats in (("item", self.item), ("user", self.user)):
             for name in feats:
                 if not FEATURE_NAME_RE.match(name):

@@ -83,6 +83,11 @@ def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
             manifest.update(job(spark, staged_cfg))
             timings[step] = round(time.time() - t0, 3)
             print(f"[prepare] {step} done in {timings[step]:.1f}s", flush=True)
+        manifest["tables"] = {
+            **manifest.get("tables", {}),
+            "item_popularity": "stats/item_popularity",
+            "mutual_info": "stats/mutual_info",
+        }
         manifest["timings_s"] = timings
         manifest["created_unix"] = round(started, 3)
         write_manifest(staging, manifest)

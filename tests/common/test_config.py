@@ -53,3 +53,8 @@ def test_tables_kind_requires_paths():
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_feature_name_on_both_sides_is_an_error():
+    with pytest.raises(ConfigError, match="both features.item and features.user"):
+        load_config("conf/default.yaml", ["features.user.color=categorical"])

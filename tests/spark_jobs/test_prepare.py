@@ -38,6 +38,8 @@ def test_manifest_is_complete(prepared_synthetic):
     for table, rep in m["validate"].items():
         if isinstance(rep, dict) and "input" in rep:
             assert rep["input"] == rep["kept"] + sum(rep["quarantined"].values()), table
+    # The synthetic "new" items are clicked only at the end of the log: cold items in eval.
+    assert m["split"]["cold_eval_rows"] > 0 and m["split"]["cold_eval_items"] > 0
     specs = {s.name: s for s in specs_from_manifest(m)}
     assert {"item_id", "user_id", "history", "category", "tags", "price", "region", "age"} <= set(specs)
     for name, spec in specs.items():
