@@ -279,13 +279,17 @@ def pairwise_mutual_info(
     constant = (F.col("ca") == 1) | (F.col("cb") == 1)
     out = out.withColumn(
         "mi",
-        F.when(constant, F.lit(0.0)).otherwise(
+        # No cells at all (empty population): null, not a misleading 0 (greatest() skips nulls).
+        F.when(F.col("hab").isNull(), F.lit(None).cast("double"))
+        .when(constant, F.lit(0.0))
+        .otherwise(
             F.greatest(F.col("ha") + F.col("hb") - F.col("hab"), F.lit(0.0))
         ),
     )
     out = out.withColumn(
         "nmi",
-        F.when((F.col("ca") == 1) & (F.col("cb") == 1), F.lit(1.0))
+        F.when(F.col("mi").isNull(), F.lit(None).cast("double"))
+        .when((F.col("ca") == 1) & (F.col("cb") == 1), F.lit(1.0))
         .when(F.col("mi") == 0.0, F.lit(0.0))
         .otherwise(F.least(F.greatest(2.0 * F.col("mi") / (F.col("ha") + F.col("hb")), F.lit(0.0)), F.lit(1.0))),
     )

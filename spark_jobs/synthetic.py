@@ -18,7 +18,7 @@ Planted structure (what the SSL item task and the mutual-information step should
   ``preference_strength`` the item is drawn Zipf-like (``zipf_exponent``) among the user's
   preferred category, else Zipf-like over the whole catalogue. A ``never_clicked_fraction`` of the
   catalogue is never drawn. Timestamps are uniform over one year, except for the "new" items
-  (a ``new_item_fraction`` of the clickable ones, spread over all popularity ranks), whose clicks
+  (a ``new_item_fraction`` of the clickable ones outside the top 10% by popularity), whose clicks
   all fall in the last ``new_item_window`` of the year: a time split with a larger eval fraction
   sees them only in eval, the cold-start case.
 
@@ -62,6 +62,9 @@ USER_ZIPF_EXPONENT = 0.5
 # 2020-09-13T12:26:40Z; the log spans one year from here.
 START_TIME = 1_600_000_000
 SPAN_SECONDS = 365 * 24 * 3600
+
+# New items are drawn outside the most popular 10% of the catalogue.
+NEW_ITEMS_SKIP_HEAD = 0.1
 
 _MASK53 = (1 << 53) - 1
 
@@ -137,8 +140,14 @@ def _clickable_in_category(cfg: SyntheticConfig, category: Column) -> Column:
 
 
 def _is_new_item(cfg: SyntheticConfig, item: Column) -> Column:
-    """Whether the item (hidden index) only appears at the end of the timeline."""
-    return _uniform(cfg.seed, "item.new", item) < F.lit(cfg.new_item_fraction)
+    """Whether the item (hidden index) only appears at the end of the timeline.
+
+    New items come from outside the head (popularity rank >= 10% of the catalogue): a new head item
+    would pile so many clicks into the final window that a time split's boundary moved into it and
+    the item's first clicks landed in train.
+    """
+    head = int(math.ceil(NEW_ITEMS_SKIP_HEAD * cfg.num_items))
+    return (item >= F.lit(head)) & (_uniform(cfg.seed, "item.new", item) < F.lit(cfg.new_item_fraction))
 
 
 def _preferred_category(cfg: SyntheticConfig, user: Column) -> Column:

@@ -1,0 +1,48 @@
+"""Session fixtures of the Ray Train tests: the prepared folder of the real Spark pipeline (shared with
+the whole suite) and one local Ray cluster (``ray start --head`` with the dashboard on 127.0.0.1,
+its own ports and temp dir, token authentication), started once per test session, waited for with
+a timeout and always stopped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Tiny model; every training run in these tests starts from these overrides.
+TINY_MODEL = [
+    "model.embedding_dim=8",
+    "model.tower_layers=[16, 8]",
+    "train.batch_size=64",
+    "ssl.batch_size=64",
+    "eval.ann_index=false",
+]
+
+# Logical CPUs of the test cluster: 2 train workers x 1 CPU, plus room for Ray Data's read tasks
+# and the split coordinator (with none left, the ingest waits forever).
+CLUSTER_CPUS = 4
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(prepared_synthetic) -> str:
+    """The session's prepared folder, made once by the real Spark pipeline (``spark_jobs.prepare``
+    on tiny synthetic data, ``tests/conftest.py``); read-only."""
+    return str(prepared_synthetic[1])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the session, stopped at the end whatever happens."""
+    from ray_train.cluster import ClusterStartError, LocalCluster
+
+    cluster = LocalCluster(num_cpus=CLUSTER_CPUS, timeout_s=180)
+    try:
+        cluster.start()
+    except ClusterStartError as exc:
+        pytest.fail(f"could not start the local Ray test cluster: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,0 +1,394 @@
+"""Pairwise item-feature mutual information: sklearn / numpy references, weights, one-pass plan."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from pathlib import Path
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+import pytest
+from pyspark.sql import types as T
+from sklearn.metrics import mutual_info_score, normalized_mutual_info_score
+
+from common.config import from_dict
+from common.features import FeatureSpec
+from common.manifest import read_manifest, write_manifest
+from spark_jobs import mutual_info
+from spark_jobs.mutual_info import MULTI_VALUED_TREATMENT, pairwise_mutual_info
+
+TOL = 1e-9
+
+
+def _single_items(spark, rng, n: int, cards: list[int]):
+    """``item_index`` plus ``f_k`` int32 columns with values in 2..card+1 (a card of 1 is constant)."""
+    cols = {"item_index": np.arange(n, dtype=np.int32)}
+    for k, card in enumerate(cards):
+        cols[f"f_{k}"] = (rng.integers(0, card, n) + 2).astype(np.int32)
+    pdf = pd.DataFrame(cols)
+    schema = T.StructType([T.StructField(c, T.IntegerType(), False) for c in pdf.columns])
+    return pdf, spark.createDataFrame([tuple(int(v) for v in row) for row in pdf.itertuples(index=False)], schema)
+
+
+def _by_pair(out) -> dict[tuple[str, str], tuple[float, float]]:
+    return {(r["feature_a"], r["feature_b"]): (r["mi"], r["nmi"]) for r in out.collect()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_single_valued_matches_sklearn(spark, seed):
+    rng = np.random.default_rng(seed)
+    # A constant feature, a binary one, small and large vocabularies, and the unique item id.
+    cards = [1, 2, int(rng.integers(3, 8)), int(rng.integers(10, 40)), 150]
+    n = int(rng.integers(150, 400))
+    pdf, items = _single_items(spark, rng, n, cards)
+    feats = [("item_id", "item_index", False)] + [(f"k{k}", f"f_{k}", False) for k in range(len(cards))]
+    got = _by_pair(pairwise_mutual_info(items, feats))
+
+    assert list(got) == [(feats[i][0], feats[j][0]) for i in range(len(feats)) for j in range(i + 1, len(feats))]
+    column = dict((name, col) for name, col, _ in feats)
+    for (a, b), (mi, nmi) in got.items():
+        x, y = pdf[column[a]].to_numpy(), pdf[column[b]].to_numpy()
+        assert mi == pytest.approx(mutual_info_score(x, y), abs=TOL), (a, b)
+        assert nmi == pytest.approx(normalized_mutual_info_score(x, y), abs=TOL), (a, b)
+        assert mi >= 0.0 and 0.0 <= nmi <= 1.0
+    # Degenerate cases as sklearn defines them: constant vs anything has MI 0 and NMI 0; the id
+    # is unique per item, so MI(id, B) = H(B).
+    assert got[("item_id", "k0")] == (0.0, 0.0)
+    h_k3 = mutual_info_score(pdf["f_3"], pdf["f_3"])
+    assert got[("item_id", "k3")][0] == pytest.approx(h_k3, abs=TOL)
+
+
+def test_two_constant_features_have_nmi_one(spark):
+    schema = T.StructType([T.StructField(c, T.IntegerType(), False) for c in ("item_index", "f_a", "f_b", "f_c")])
+    rows = [(i, 5, 7, 2 + i % 3) for i in range(30)]
+    items = spark.createDataFrame(rows, schema)
+    got = _by_pair(pairwise_mutual_info(items, [("a", "f_a", False), ("b", "f_b", False), ("c", "f_c", False)]))
+    a, b, c = np.full(30, 5), np.full(30, 7), np.array([2 + i % 3 for i in range(30)])
+    assert got[("a", "b")] == (0.0, 1.0) == (mutual_info_score(a, b), normalized_mutual_info_score(a, b))
+    assert got[("a", "c")] == (0.0, 0.0) == (mutual_info_score(a, c), normalized_mutual_info_score(a, c))
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-valued features and weights: an independent numpy reference of the documented treatment
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference(units: list[dict], features, weights: dict[int, float] | None):
+    """Weighted plug-in MI/NMI by brute force over python dicts: the treatment in the docstring."""
+
+    def values(v, multi):
+        if not multi:
+            return [int(v)]
+        s = sorted(set(v or []))
+        return s if s else [0]
+
+    out = {}
+    for i in range(len(features)):
+        for j in range(i + 1, len(features)):
+            (na, ca, ma), (nb, cb, mb) = features[i], features[j]
+            joint: dict[tuple[int, int], float] = defaultdict(float)
+            for u in units:
+                w = 1.0 if weights is None else float(weights.get(u["item_index"], 0))
+                if w <= 0:
+                    continue
+                va, vb = values(u[ca], ma), values(u[cb], mb)
+                for a in va:
+                    for b in vb:
+                        joint[(a, b)] += w / (len(va) * len(vb))
+            total = sum(joint.values())
+            pa: dict[int, float] = defaultdict(float)
+            pb: dict[int, float] = defaultdict(float)
+            for (a, b), n in joint.items():
+                pa[a] += n / total
+                pb[b] += n / total
+            mi = sum(n / total * math.log((n / total) / (pa[a] * pb[b])) for (a, b), n in joint.items())
+            ha = -sum(p * math.log(p) for p in pa.values())
+            hb = -sum(p * math.log(p) for p in pb.values())
+            if len(pa) == 1 and len(pb) == 1:
+                nmi = 1.0
+            elif len(pa) == 1 or len(pb) == 1:
+                mi, nmi = 0.0, 0.0
+            else:
+                nmi = 2 * mi / (ha + hb)
+            out[(na, nb)] = (max(mi, 0.0), nmi)
+    return out
+
+
+MULTI_SCHEMA = T.StructType(
+    [
+        T.StructField("item_index", T.IntegerType(), False),
+        T.StructField("item_id", T.StringType(), False),
+        T.StructField("f_cat", T.IntegerType(), False),
+        T.StructField("f_tags", T.ArrayType(T.IntegerType(), True), True),
+        T.StructField("f_genres", T.ArrayType(T.IntegerType(), True), True),
+        T.StructField("f_price", T.IntegerType(), False),
+    ]
+)
+MULTI_FEATURES = [
+    ("item_id", "item_index", False),
+    ("cat", "f_cat", False),
+    ("tags", "f_tags", True),
+    ("genres", "f_genres", True),
+    ("price", "f_price", False),
+]
+
+
+def _multi_units(rng, n: int) -> list[dict]:
+    units = []
+    for i in range(n):
+        cat = int(rng.integers(2, 6))
+        k = int(rng.integers(0, 4))
+        # Tags depend on the category; genres are independent; sets may be empty or null.
+        tags = [int(t) for t in (cat + rng.integers(0, 4, k)) % 9 + 2]
+        genres = None if rng.random() < 0.1 else [int(g) for g in rng.integers(2, 7, int(rng.integers(0, 3)))]
+        if i % 17 == 0:
+            tags = tags + tags  # duplicates inside a set count once
+        units.append(
+            {"item_index": i, "item_id": f"i{i}", "f_cat": cat, "f_tags": tags, "f_genres": genres,
+             "f_price": int(rng.integers(2, 5))}
+        )
+    return units
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_multi_valued_treatment_matches_reference(spark, seed, weighted):
+    rng = np.random.default_rng(100 + seed)
+    units = _multi_units(rng, int(rng.integers(60, 160)))
+    items = spark.createDataFrame([tuple(u[f.name] for f in MULTI_SCHEMA.fields) for u in units], MULTI_SCHEMA)
+    weights = None
+    wdf = None
+    if weighted:
+        # Some items absent, some with weight 0: both drop out of the population.
+        weights = {u["item_index"]: int(rng.integers(0, 5)) for u in units if rng.random() < 0.8}
+        wdf = spark.createDataFrame(list(weights.items()), "item_index int, weight long")
+    got = _by_pair(pairwise_mutual_info(items, MULTI_FEATURES, wdf))
+    want = _reference(units, MULTI_FEATURES, weights)
+    assert set(got) == set(want)
+    for pair, (mi, nmi) in want.items():
+        assert got[pair][0] == pytest.approx(mi, abs=TOL), pair
+        assert got[pair][1] == pytest.approx(nmi, abs=TOL), pair
+    # The planted dependence shows: tags follow the category, genres do not.
+    assert got[("cat", "tags")][0] > got[("cat", "genres")][0]
+
+
+def test_empty_set_is_the_mask_value(spark):
+    # An empty tag set must count as the value 0, i.e. exactly like a row tagged [0].
+    rows_empty = [(0, "a", 2, [], [], 2), (1, "b", 3, [5], [], 2), (2, "c", 3, [], [], 3), (3, "d", 2, [5, 6], [], 3)]
+    rows_zero = [(i, s, c, t or [0], g, p) for i, s, c, t, g, p in rows_empty]
+    one = _by_pair(pairwise_mutual_info(spark.createDataFrame(rows_empty, MULTI_SCHEMA), MULTI_FEATURES))
+    two = _by_pair(pairwise_mutual_info(spark.createDataFrame(rows_zero, MULTI_SCHEMA), MULTI_FEATURES))
+    assert one.keys() == two.keys()
+    for k in one:
+        assert one[k] == pytest.approx(two[k], abs=1e-12)
+    assert one[("cat", "tags")][0] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# train_events weights
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_train_event_weights_equal_repeated_rows(spark, seed):
+    rng = np.random.default_rng(200 + seed)
+    pdf, items = _single_items(spark, rng, 120, [3, 6, 25])
+    counts = rng.integers(0, 6, len(pdf))
+    wdf = spark.createDataFrame(
+        [(int(i), int(c)) for i, c in zip(pdf["item_index"], counts)], "item_index int, weight long"
+    )
+    feats = [("item_id", "item_index", False), ("a", "f_0", False), ("b", "f_1", False), ("c", "f_2", False)]
+    got = _by_pair(pairwise_mutual_info(items, feats, wdf))
+    repeated = pdf.loc[np.repeat(np.arange(len(pdf)), counts)]
+    column = {name: col for name, col, _ in feats}
+    for (a, b), (mi, nmi) in got.items():
+        x, y = repeated[column[a]].to_numpy(), repeated[column[b]].to_numpy()
+        assert mi == pytest.approx(mutual_info_score(x, y), abs=TOL), (a, b)
+        assert nmi == pytest.approx(normalized_mutual_info_score(x, y), abs=TOL), (a, b)
+    # Unweighted differs: the weights are really applied.
+    plain = _by_pair(pairwise_mutual_info(items, feats))
+    assert abs(plain[("a", "b")][0] - got[("a", "b")][0]) > 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Planted structure
+# ---------------------------------------------------------------------------------------------
+
+
+def test_planted_structure(spark):
+    rng = np.random.default_rng(7)
+    n = 6000
+    x = rng.integers(0, 8, n)
+    copy = x  # deterministic function of x
+    noisy = np.where(rng.random(n) < 0.7, x // 2, rng.integers(0, 4, n))
+    indep = rng.integers(0, 5, n)
+    schema = "item_index int, f_x int, f_copy int, f_noisy int, f_indep int"
+    rows = [(i, int(x[i]) + 2, int(copy[i]) * 3 + 2, int(noisy[i]) + 2, int(indep[i]) + 2) for i in range(n)]
+    items = spark.createDataFrame(rows, schema)
+    feats = [("x", "f_x", False), ("copy", "f_copy", False), ("noisy", "f_noisy", False), ("indep", "f_indep", False)]
+    got = _by_pair(pairwise_mutual_info(items, feats))
+    assert got[("x", "copy")][1] == pytest.approx(1.0, abs=1e-12)
+    assert got[("x", "copy")][0] == pytest.approx(math.log(8), abs=0.02)
+    assert got[("x", "noisy")][0] > 0.4
+    assert got[("x", "indep")][0] < 0.01
+    assert got[("noisy", "indep")][0] < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# One aggregation pass
+# ---------------------------------------------------------------------------------------------
+
+
+def _jobs_and_plan(spark, items, feats):
+    sc = spark.sparkContext
+    group = f"mi-test-{uuid.uuid4().hex}"
+    sc.setJobGroup(group, "mutual info job count")
+    try:
+        out = pairwise_mutual_info(items, feats)
+        out.collect()
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    # With adaptive execution the string holds the final plan, then the initial one: keep the first.
+    plan = out._jdf.queryExecution().executedPlan().toString().split("== Initial Plan ==")[0]
+    return len(sc.statusTracker().getJobIdsForGroup(group)), plan
+
+
+def test_all_pairs_in_one_aggregation_pass(spark, tmp_path):
+    rng = np.random.default_rng(3)
+    pdf, _ = _single_items(spark, rng, 400, [2, 3, 5, 7, 11, 13, 17])
+    path = str(tmp_path / "items")
+    spark.createDataFrame(pdf.astype("int32")).write.parquet(path)
+    items = spark.read.parquet(path)
+    few = [(f"k{k}", f"f_{k}", False) for k in range(3)]
+    many = [("item_id", "item_index", False)] + [(f"k{k}", f"f_{k}", False) for k in range(7)]
+
+    jobs_few, _ = _jobs_and_plan(spark, items, few)
+    jobs_many, plan = _jobs_and_plan(spark, items, many)
+    # 3 pairs or 28 pairs: the same (small) number of Spark jobs, so nothing runs per pair.
+    assert jobs_many == jobs_few
+    assert 1 <= jobs_many <= 6
+    # The input is scanned once and exploded once; one aggregation is keyed by the packed cell.
+    assert plan.count("FileScan parquet") == 1, plan
+    assert plan.count("explode(") == 1, plan
+    assert plan.count("HashAggregate(keys=[key#") == 2, plan  # its partial and final halves
+
+
+def test_out_of_range_index_fails_with_a_clear_error(spark):
+    items = spark.createDataFrame([(0, 2, 3), (1, -4, 3)], "item_index int, f_a int, f_b int")
+    with pytest.raises(Exception, match="f_a.*-4.*encoded indices must be in"):
+        pairwise_mutual_info(items, [("a", "f_a", False), ("b", "f_b", False)]).collect()
+
+
+def test_bad_arguments_are_reported(spark):
+    items = spark.createDataFrame([(0, 2, [3])], "item_index int, f_a int, f_t array<int>")
+    with pytest.raises(ValueError, match="at least 2 features"):
+        pairwise_mutual_info(items, [("a", "f_a", False)])
+    with pytest.raises(ValueError, match="f_missing.*not in the items table"):
+        pairwise_mutual_info(items, [("a", "f_a", False), ("m", "f_missing", False)])
+    with pytest.raises(ValueError, match="f_t.*array<int>.*expected an integer"):
+        pairwise_mutual_info(items, [("a", "f_a", False), ("t", "f_t", False)])
+    with pytest.raises(ValueError, match="item_index and weight"):
+        pairwise_mutual_info(items, [("a", "f_a", False), ("t", "f_t", True)], items.select("item_index"))
+
+
+# ---------------------------------------------------------------------------------------------
+# run(): prepared folder in, stats/mutual_info/ + manifest section out
+# ---------------------------------------------------------------------------------------------
+
+
+def _config(tmp_path, population: str):
+    return from_dict(
+        {
+            "features": {"item": {"cat": "categorical", "tags": {"type": "multi"}}},
+            "paths": {"prepared": str(tmp_path / "prepared"), "raw": str(tmp_path / "raw"), "runs": str(tmp_path / "runs")},
+            "prepare": {"mi_population": population},
+        }
+    )
+
+
+ITEM_SPECS = [
+    FeatureSpec("item_id", "item", "id", False, "item_index", 12),
+    FeatureSpec("cat", "item", "categorical", False, "f_cat", 5),
+    FeatureSpec("tags", "item", "multi", True, "f_tags", 9),
+    # User-side specs are in the manifest too and must be ignored.
+    FeatureSpec("region", "user", "categorical", False, "f_region", 4),
+]
+
+
+def _write_prepared(spark, cfg, with_manifest: bool = True):
+    prepared = cfg.paths.prepared
+    items = [(i, f"i{i}", 2 + i % 3, [2 + (i % 3), 3 + (i % 5)] if i % 4 else []) for i in range(10)]
+    spark.createDataFrame(items, "item_index int, item_id string, f_cat int, f_tags array<int>").write.parquet(
+        f"{prepared}/items"
+    )
+    events = [(f"u{e % 4}", f"i{i}", i, 1000 + e, e % 4, []) for e, i in enumerate([0, 0, 0, 1, 2, 2, 5, 7, 7, 7, 7])]
+    spark.createDataFrame(
+        events,
+        "user_id string, item_id string, item_index int, timestamp long, user_index int, history array<int>",
+    ).write.parquet(f"{prepared}/train")
+    if with_manifest:
+        write_manifest(prepared, {"version": 1, "features": [s.to_json() for s in ITEM_SPECS]})
+    return items, events
+
+
+@pytest.mark.parametrize("population", ["catalogue", "train_events"])
+def test_run_writes_stats_table(spark, tmp_path, population):
+    cfg = _config(tmp_path, population)
+    items, events = _write_prepared(spark, cfg)
+    section = mutual_info.run(spark, cfg)
+    assert section == {
+        "mutual_info": {"population": population, "pairs": 3, "multi_valued_treatment": MULTI_VALUED_TREATMENT}
+    }
+    table = pd.read_parquet(f"{cfg.paths.prepared}/stats/mutual_info")
+    assert list(table.columns) == ["feature_a", "feature_b", "mi", "nmi"]
+    assert [tuple(p) for p in table[["feature_a", "feature_b"]].to_numpy()] == [
+        ("item_id", "cat"), ("item_id", "tags"), ("cat", "tags")
+    ]
+    units = [{"item_index": i, "f_cat": c, "f_tags": t} for i, _, c, t in items]
+    weights = None
+    if population == "train_events":
+        weights = defaultdict(int)
+        for _, _, i, *_ in events:
+            weights[i] += 1
+    feats = [("item_id", "item_index", False), ("cat", "f_cat", False), ("tags", "f_tags", True)]
+    want = _reference(units, feats, weights)
+    for row in table.itertuples():
+        assert row.mi == pytest.approx(want[(row.feature_a, row.feature_b)][0], abs=TOL)
+        assert row.nmi == pytest.approx(want[(row.feature_a, row.feature_b)][1], abs=TOL)
+    # The manifest is merged by cli.run_job / prepare, not by run(): left untouched here.
+    assert "mutual_info" not in read_manifest(cfg.paths.prepared)
+
+
+def test_run_without_manifest_uses_config_and_schema(spark, tmp_path):
+    # Inside spark_jobs.prepare the manifest is written last; run() must still find the features.
+    cfg = _config(tmp_path, "catalogue")
+    _write_prepared(spark, cfg, with_manifest=False)
+    mutual_info.run(spark, cfg)
+    table = pd.read_parquet(f"{cfg.paths.prepared}/stats/mutual_info")
+    assert [tuple(p) for p in table[["feature_a", "feature_b"]].to_numpy()] == [
+        ("item_id", "cat"), ("item_id", "tags"), ("cat", "tags")
+    ]
+
+
+def test_run_reports_an_empty_population(spark, tmp_path):
+    cfg = _config(tmp_path, "train_events")
+    _write_prepared(spark, cfg)
+    spark.createDataFrame(
+        [("u", "i99", 99, 1, 0, [])],
+        "user_id string, item_id string, item_index int, timestamp long, user_index int, history array<int>",
+    ).write.mode("overwrite").parquet(f"{cfg.paths.prepared}/train")
+    with pytest.raises(ValueError, match="came out empty.*train/"):
+        mutual_info.run(spark, cfg)
+
+
+def test_main_merges_the_manifest_section(spark, tmp_path):
+    cfg = _config(tmp_path, "catalogue")
+    _write_prepared(spark, cfg)
+    mutual_info.main(
+        ["--config", str(Path(__file__).resolve().parents[2] / "conf" / "default.yaml"), "--set", f"paths.prepared={cfg.paths.prepared}",
+         "features.item={cat: categorical, tags: multi}"]
+    )
+    m = read_manifest(cfg.paths.prepared)
+    assert m["mutual_info"]["pairs"] == 3 and m["mutual_info"]["population"] == "catalogue"
