@@ -24,8 +24,15 @@ test: install
 prepare: install
 	$(PY) -m spark_jobs.prepare --config $(CONFIG)
 
+# The whole pipeline on the built-in synthetic data: local Spark, then local Ray trains the
+# baseline and CFM on the same prepared folder, then both runs' metrics side by side.
+DEMO_RUNS := runs/synthetic
 demo: install
 	$(PY) -m spark_jobs.prepare --config $(CONFIG)
+	rm -rf $(DEMO_RUNS)/demo-none $(DEMO_RUNS)/demo-cfm
+	$(PY) -m ray_train.train --config $(CONFIG) --run-name demo-none --set ssl.method=none
+	$(PY) -m ray_train.train --config $(CONFIG) --run-name demo-cfm --set ssl.method=cfm
+	$(PY) -m ray_train.compare $(DEMO_RUNS)/demo-none $(DEMO_RUNS)/demo-cfm
 
 # common/ (and spark_jobs/) zipped for `spark-submit --py-files` on a cluster.
 zip: dist/common.zip
@@ -36,6 +43,8 @@ dist/common.zip: $(shell find common spark_jobs -name '*.py')
 
 bench: install
 	$(PY) bench/mutual_info.py
+	$(PY) bench/ingest.py
+	$(PY) bench/ssl_overhead.py
 
 clean:
 	rm -rf $(VENV) dist data runs .pytest_cache

@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 
 from common.config import Config, ConfigError, apply_overrides, from_dict, load_config
 from common.features import specs_from_manifest
-from common.manifest import read_manifest
+from common.manifest import manifest_exists, read_manifest
 from ray_train.data import (
     parquet_uncompressed_bytes,
     read_table,
@@ -326,6 +326,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     try:
         cfg, run_dir, resumed = resolve_run(args)
+        if not manifest_exists(cfg.paths.prepared):
+            raise FileNotFoundError(
+                f"paths.prepared={cfg.paths.prepared} holds no manifest.json: run `python -m "
+                f"spark_jobs.prepare` with the same config first. Under `ray job submit` the driver "
+                f"runs in an uploaded copy of the working dir (without data/): pass absolute paths, "
+                f"--set paths.prepared=/abs/prepared paths.runs=/abs/runs"
+            )
     except (ConfigError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
