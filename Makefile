@@ -41,10 +41,12 @@ dist/common.zip: $(shell find common spark_jobs -name '*.py')
 	mkdir -p dist
 	$(PYTHON) -c "import pathlib, zipfile; z = zipfile.ZipFile('$@', 'w', zipfile.ZIP_DEFLATED); [z.write(p) for d in ('common', 'spark_jobs') for p in sorted(pathlib.Path(d).rglob('*.py'))]; z.close()"
 
+# Benchmarks print side-by-side figures; ingest and ssl_overhead read the prepared default data.
 bench: install
 	$(PY) bench/mutual_info.py
-	$(PY) bench/ingest.py
-	$(PY) bench/ssl_overhead.py
+	$(PY) -m spark_jobs.prepare --config $(CONFIG)
+	$(PY) bench/ingest.py --config $(CONFIG)
+	$(PY) bench/ssl_overhead.py --config $(CONFIG)
 
 clean:
 	rm -rf $(VENV) dist data runs .pytest_cache

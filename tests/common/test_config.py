@@ -58,3 +58,10 @@ def test_missing_file_is_clear(tmp_path):
 def test_feature_name_on_both_sides_is_an_error():
     with pytest.raises(ConfigError, match="both features.item and features.user"):
         load_config("conf/default.yaml", ["features.user.color=categorical"])
+
+
+def test_float_literals_without_a_dot_are_numbers():
+    # PyYAML (YAML 1.1) parses "1e30" as a string; float keys accept it anyway.
+    assert load_config("conf/default.yaml", ["train.lr=1e30"]).train.lr == 1e30
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config("conf/default.yaml", ["train.lr=fast"])
