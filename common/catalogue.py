@@ -24,20 +24,38 @@ from common.features import FIRST_INDEX, ITEM_ID, MASK_INDEX, FeatureSpec, side
 from common.ragged import FeatureBatch, Ragged
 
 
+def int64_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An integer Arrow array (plain, sliced or chunked) as an int64 numpy array."""
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks == 0:
+            return np.zeros(0, dtype=np.int64)
+        parts = [c.to_numpy(zero_copy_only=False) for c in column.chunks]
+        arr = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    else:
+        arr = column.to_numpy(zero_copy_only=False)
+    return arr.astype(np.int64, copy=False)
+
+
 def ragged_from_arrow(column: pa.Array | pa.ChunkedArray, what: str = "column") -> Ragged:
-    """A ``list<int>`` Arrow column as a ``Ragged`` (one row per list). Nulls are rejected: the data
-    contract encodes missing values as OOV, so a null list means a broken preparation."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
-        raise TypeError(f"{what}: expected a list<int32> column, got {arr.type}")
-    if arr.null_count:
+    """A ``list<int>`` column (plain, sliced or chunked) as ``Ragged(values int64 [nnz], offsets
+    int64 [rows])``, one row per list.
+
+    ``ListArray.values`` ignores a slice's offset; ``list_flatten`` and ``list_value_length``
+    honour it and accept chunked arrays, so no chunk needs combining first. Nulls are rejected: the
+    data contract encodes missing values as empty lists, so a null list means a broken preparation."""
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        raise TypeError(f"{what}: expected a list<int32> column, got {column.type}")
+    if column.null_count:
         raise ValueError(
-            f"{what}: {arr.null_count} null lists out of {len(arr)} rows; the items/ table must "
-            f"hold empty lists or OOV (1) for missing values. Rerun the Spark preparation."
+            f"{what}: {column.null_count} null lists out of {len(column)} rows; the prepared tables "
+            f"hold empty lists for missing values (docs/data_contract.md). Rerun spark_jobs.prepare."
         )
-    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-    values = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-    return Ragged.from_lengths(torch.from_numpy(values), torch.from_numpy(lengths))
+    lengths = int64_numpy(pc.list_value_length(column))
+    values = int64_numpy(pc.list_flatten(column))
+    if values.size and values.min() < 0:
+        raise ValueError(f"{what}: negative index {int(values.min())}; encoded indices are >= 0")
+    offsets = np.cumsum(lengths) - lengths
+    return Ragged(torch.from_numpy(values), torch.from_numpy(offsets))
 
 
 @dataclass(frozen=True)

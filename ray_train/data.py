@@ -65,7 +65,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from common.catalogue import Catalogue
+from common.catalogue import Catalogue, int64_numpy as _to_int64
+from common.catalogue import ragged_from_arrow as arrow_to_ragged
 from common.features import ITEM_ID, FeatureSpec, feature_column, side
 from common.manifest import join
 from common.ragged import FeatureBatch, Ragged
@@ -109,26 +110,6 @@ def _abspath(path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def arrow_to_ragged(column: pa.Array | pa.ChunkedArray, what: str = "column") -> Ragged:
-    """A ``list<int>`` column (sliced or chunked) as ``Ragged(values int64 [nnz], offsets int64 [rows])``.
-
-    ``ListArray.values`` ignores a slice's offset; ``list_flatten`` and ``list_value_length``
-    honour it, and both accept chunked arrays, so no chunk needs combining first."""
-    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
-        raise TypeError(f"{what}: expected a list<int32> column, got {column.type}")
-    if column.null_count:
-        raise ValueError(
-            f"{what}: {column.null_count} null lists out of {len(column)} rows; the prepared tables "
-            f"hold empty lists for missing values (docs/data_contract.md). Rerun spark_jobs.prepare."
-        )
-    lengths = _to_int64(pc.list_value_length(column))
-    values = _to_int64(pc.list_flatten(column))
-    if values.size and values.min() < 0:
-        raise ValueError(f"{what}: negative index {int(values.min())}; encoded indices are >= 0")
-    offsets = np.cumsum(lengths) - lengths
-    return Ragged(torch.from_numpy(values), torch.from_numpy(offsets))
-
-
 def arrow_to_long(column: pa.Array | pa.ChunkedArray, what: str = "column") -> Tensor:
     """A single-valued int column as int64 ``[rows]``."""
     if column.null_count:
@@ -137,17 +118,6 @@ def arrow_to_long(column: pa.Array | pa.ChunkedArray, what: str = "column") -> T
             f"encoded as OOV (1) by spark_jobs.prepare. Rerun it."
         )
     return torch.from_numpy(_to_int64(column))
-
-
-def _to_int64(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    if isinstance(column, pa.ChunkedArray):
-        if column.num_chunks == 0:
-            return np.zeros(0, dtype=np.int64)
-        parts = [c.to_numpy(zero_copy_only=False) for c in column.chunks]
-        arr = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    else:
-        arr = column.to_numpy(zero_copy_only=False)
-    return arr.astype(np.int64, copy=False)
 
 
 @dataclass
