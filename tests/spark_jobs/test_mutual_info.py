@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import uuid
-from pathlib import Path
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,9 +17,33 @@ from common.config import from_dict
 from common.features import FeatureSpec
 from common.manifest import read_manifest, write_manifest
 from spark_jobs import mutual_info
-from spark_jobs.mutual_info import MULTI_VALUED_TREATMENT, pairwise_mutual_info
+from spark_jobs.mutual_info import (
+    BLOCK_CELLS,
+    MULTI_VALUED_TREATMENT,
+    FeatureStats,
+    feature_stats,
+    pairwise_mutual_info,
+    plan_groups,
+)
 
 TOL = 1e-9
+# Both execution plans must give the same numbers: without stats (one explode, one aggregation)
+# and with them (blocks of low-cardinality features + radix-partitioned high-cardinality pairs).
+PLANS = ["one_aggregation", "blocks_and_radix"]
+
+
+def _mi(items, feats, weights=None, plan="one_aggregation"):
+    """Collected result of one plan. ``tiny_blocks``: blocks_and_radix with a block budget of 64
+    cells, so that tiny test data has pairs in both branches, multi-valued ones included."""
+    if plan == "tiny_blocks":
+        saved = mutual_info.BLOCK_CELLS
+        mutual_info.BLOCK_CELLS = 64
+        try:
+            return _mi(items, feats, weights, "blocks_and_radix")
+        finally:
+            mutual_info.BLOCK_CELLS = saved
+    stats = feature_stats(items, feats) if plan != "one_aggregation" else None
+    return _by_pair(pairwise_mutual_info(items, feats, weights, stats=stats))
 
 
 def _single_items(spark, rng, n: int, cards: list[int]):
@@ -36,15 +60,18 @@ def _by_pair(out) -> dict[tuple[str, str], tuple[float, float]]:
     return {(r["feature_a"], r["feature_b"]): (r["mi"], r["nmi"]) for r in out.collect()}
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_single_valued_matches_sklearn(spark, seed):
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_single_valued_matches_sklearn(spark, seed, plan):
     rng = np.random.default_rng(seed)
     # A constant feature, a binary one, small and large vocabularies, and the unique item id.
-    cards = [1, 2, int(rng.integers(3, 8)), int(rng.integers(10, 40)), 150]
-    n = int(rng.integers(150, 400))
+    # The id (250-400 values) with the 300-value feature is above BLOCK_CELLS, so the
+    # blocks_and_radix plan exercises both its branches.
+    cards = [1, 2, int(rng.integers(3, 8)), int(rng.integers(10, 40)), 150, 300]
+    n = int(rng.integers(250, 400))
     pdf, items = _single_items(spark, rng, n, cards)
     feats = [("item_id", "item_index", False)] + [(f"k{k}", f"f_{k}", False) for k in range(len(cards))]
-    got = _by_pair(pairwise_mutual_info(items, feats))
+    got = _mi(items, feats, plan=plan)
 
     assert list(got) == [(feats[i][0], feats[j][0]) for i in range(len(feats)) for j in range(i + 1, len(feats))]
     column = dict((name, col) for name, col, _ in feats)
@@ -60,18 +87,19 @@ def test_single_valued_matches_sklearn(spark, seed):
     assert got[("item_id", "k3")][0] == pytest.approx(h_k3, abs=TOL)
 
 
-def test_two_constant_features_have_nmi_one(spark):
+@pytest.mark.parametrize("plan", PLANS)
+def test_two_constant_features_have_nmi_one(spark, plan):
     schema = T.StructType([T.StructField(c, T.IntegerType(), False) for c in ("item_index", "f_a", "f_b", "f_c")])
     rows = [(i, 5, 7, 2 + i % 3) for i in range(30)]
     items = spark.createDataFrame(rows, schema)
-    got = _by_pair(pairwise_mutual_info(items, [("a", "f_a", False), ("b", "f_b", False), ("c", "f_c", False)]))
+    got = _mi(items, [("a", "f_a", False), ("b", "f_b", False), ("c", "f_c", False)], plan=plan)
     a, b, c = np.full(30, 5), np.full(30, 7), np.array([2 + i % 3 for i in range(30)])
     assert got[("a", "b")] == (0.0, 1.0) == (mutual_info_score(a, b), normalized_mutual_info_score(a, b))
     assert got[("a", "c")] == (0.0, 0.0) == (mutual_info_score(a, c), normalized_mutual_info_score(a, c))
 
 
 # ---------------------------------------------------------------------------------------------
-# Multi-valued features and weights: an independent numpy reference of the documented treatment
+# Multi-valued features and weights: an independent pure-Python reference of the treatment
 # ---------------------------------------------------------------------------------------------
 
 
@@ -152,9 +180,10 @@ def _multi_units(rng, n: int) -> list[dict]:
     return units
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("plan", [*PLANS, "tiny_blocks"])
+@pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_multi_valued_treatment_matches_reference(spark, seed, weighted):
+def test_multi_valued_treatment_matches_reference(spark, seed, weighted, plan):
     rng = np.random.default_rng(100 + seed)
     units = _multi_units(rng, int(rng.integers(60, 160)))
     items = spark.createDataFrame([tuple(u[f.name] for f in MULTI_SCHEMA.fields) for u in units], MULTI_SCHEMA)
@@ -164,7 +193,7 @@ def test_multi_valued_treatment_matches_reference(spark, seed, weighted):
         # Some items absent, some with weight 0: both drop out of the population.
         weights = {u["item_index"]: int(rng.integers(0, 5)) for u in units if rng.random() < 0.8}
         wdf = spark.createDataFrame(list(weights.items()), "item_index int, weight long")
-    got = _by_pair(pairwise_mutual_info(items, MULTI_FEATURES, wdf))
+    got = _mi(items, MULTI_FEATURES, wdf, plan=plan)
     want = _reference(units, MULTI_FEATURES, weights)
     assert set(got) == set(want)
     for pair, (mi, nmi) in want.items():
@@ -191,8 +220,9 @@ def test_empty_set_is_the_mask_value(spark):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_train_event_weights_equal_repeated_rows(spark, seed):
+def test_train_event_weights_equal_repeated_rows(spark, seed, plan):
     rng = np.random.default_rng(200 + seed)
     pdf, items = _single_items(spark, rng, 120, [3, 6, 25])
     counts = rng.integers(0, 6, len(pdf))
@@ -200,7 +230,7 @@ def test_train_event_weights_equal_repeated_rows(spark, seed):
         [(int(i), int(c)) for i, c in zip(pdf["item_index"], counts)], "item_index int, weight long"
     )
     feats = [("item_id", "item_index", False), ("a", "f_0", False), ("b", "f_1", False), ("c", "f_2", False)]
-    got = _by_pair(pairwise_mutual_info(items, feats, wdf))
+    got = _mi(items, feats, wdf, plan=plan)
     repeated = pdf.loc[np.repeat(np.arange(len(pdf)), counts)]
     column = {name: col for name, col, _ in feats}
     for (a, b), (mi, nmi) in got.items():
@@ -208,7 +238,7 @@ def test_train_event_weights_equal_repeated_rows(spark, seed):
         assert mi == pytest.approx(mutual_info_score(x, y), abs=TOL), (a, b)
         assert nmi == pytest.approx(normalized_mutual_info_score(x, y), abs=TOL), (a, b)
     # Unweighted differs: the weights are really applied.
-    plain = _by_pair(pairwise_mutual_info(items, feats))
+    plain = _mi(items, feats, plan=plan)
     assert abs(plain[("a", "b")][0] - got[("a", "b")][0]) > 1e-6
 
 
@@ -217,7 +247,8 @@ def test_train_event_weights_equal_repeated_rows(spark, seed):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_planted_structure(spark):
+@pytest.mark.parametrize("plan", PLANS)
+def test_planted_structure(spark, plan):
     rng = np.random.default_rng(7)
     n = 6000
     x = rng.integers(0, 8, n)
@@ -228,7 +259,7 @@ def test_planted_structure(spark):
     rows = [(i, int(x[i]) + 2, int(copy[i]) * 3 + 2, int(noisy[i]) + 2, int(indep[i]) + 2) for i in range(n)]
     items = spark.createDataFrame(rows, schema)
     feats = [("x", "f_x", False), ("copy", "f_copy", False), ("noisy", "f_noisy", False), ("indep", "f_indep", False)]
-    got = _by_pair(pairwise_mutual_info(items, feats))
+    got = _mi(items, feats, plan=plan)
     assert got[("x", "copy")][1] == pytest.approx(1.0, abs=1e-12)
     assert got[("x", "copy")][0] == pytest.approx(math.log(8), abs=0.02)
     assert got[("x", "noisy")][0] > 0.4
@@ -241,12 +272,12 @@ def test_planted_structure(spark):
 # ---------------------------------------------------------------------------------------------
 
 
-def _jobs_and_plan(spark, items, feats):
+def _jobs_and_plan(spark, items, feats, stats=None):
     sc = spark.sparkContext
     group = f"mi-test-{uuid.uuid4().hex}"
     sc.setJobGroup(group, "mutual info job count")
     try:
-        out = pairwise_mutual_info(items, feats)
+        out = pairwise_mutual_info(items, feats, stats=stats)
         out.collect()
     finally:
         sc.setLocalProperty("spark.jobGroup.id", None)
@@ -255,18 +286,22 @@ def _jobs_and_plan(spark, items, feats):
     return len(sc.statusTracker().getJobIdsForGroup(group)), plan
 
 
-def test_all_pairs_in_one_aggregation_pass(spark, tmp_path):
+@pytest.fixture()
+def parquet_items(spark, tmp_path):
     rng = np.random.default_rng(3)
-    pdf, _ = _single_items(spark, rng, 400, [2, 3, 5, 7, 11, 13, 17])
+    pdf, _ = _single_items(spark, rng, 400, [2, 3, 5, 7, 11, 13, 17, 300])
     path = str(tmp_path / "items")
     spark.createDataFrame(pdf.astype("int32")).write.parquet(path)
-    items = spark.read.parquet(path)
-    few = [(f"k{k}", f"f_{k}", False) for k in range(3)]
-    many = [("item_id", "item_index", False)] + [(f"k{k}", f"f_{k}", False) for k in range(7)]
+    return spark.read.parquet(path)
 
-    jobs_few, _ = _jobs_and_plan(spark, items, few)
-    jobs_many, plan = _jobs_and_plan(spark, items, many)
-    # 3 pairs or 28 pairs: the same (small) number of Spark jobs, so nothing runs per pair.
+
+def test_all_pairs_in_one_aggregation_pass(spark, parquet_items):
+    few = [(f"k{k}", f"f_{k}", False) for k in range(3)]
+    many = [("item_id", "item_index", False)] + [(f"k{k}", f"f_{k}", False) for k in range(8)]
+
+    jobs_few, _ = _jobs_and_plan(spark, parquet_items, few)
+    jobs_many, plan = _jobs_and_plan(spark, parquet_items, many)
+    # 3 pairs or 36 pairs: the same (small) number of Spark jobs, so nothing runs per pair.
     assert jobs_many == jobs_few
     assert 1 <= jobs_many <= 6
     # The input is scanned once and exploded once; one aggregation is keyed by the packed cell.
@@ -275,10 +310,51 @@ def test_all_pairs_in_one_aggregation_pass(spark, tmp_path):
     assert plan.count("HashAggregate(keys=[key#") == 2, plan  # its partial and final halves
 
 
+def test_blocks_and_radix_plan_is_constant_in_the_number_of_pairs(spark, parquet_items):
+    # Both plans have a block branch and a radix branch: (item_id, k7) has 400 x 301 cells.
+    few = [("item_id", "item_index", False), ("k0", "f_0", False), ("k7", "f_7", False)]
+    many = [("item_id", "item_index", False)] + [(f"k{k}", f"f_{k}", False) for k in range(8)]
+    jobs_few, _ = _jobs_and_plan(spark, parquet_items, few, feature_stats(parquet_items, few))
+    jobs_many, plan = _jobs_and_plan(spark, parquet_items, many, feature_stats(parquet_items, many))
+    assert jobs_many == jobs_few
+    assert 1 <= jobs_many <= 8
+    # One scan per branch: the blocks (map-side aggregated) and the radix-partitioned pairs.
+    assert plan.count("FileScan parquet") == 2, plan
+    assert "hashpartitioning(key#" in plan and "RoundRobin" not in plan
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plan_groups_serves_every_pair_and_marginal_once(seed):
+    rng = np.random.default_rng(seed)
+    nf = int(rng.integers(2, 10))
+    cards = [int(c) for c in rng.choice([1, 2, 3, 10, 50, 300, 5000, 10**6], nf)]
+    groups = plan_groups(nf, cards)
+    npairs = nf * (nf - 1) // 2
+    served = [item for g in groups for item in g.serves]
+    assert sorted(served) == list(range(npairs + nf))
+    pairs = [(i, j) for i in range(nf) for j in range(i + 1, nf)]
+    for g in groups:
+        size = math.prod(cards[k] for k in g.members)
+        if g.direct:
+            # A direct group is one item whose id is the group id: a big pair or a big marginal.
+            assert g.serves == (g.gid,) and size > BLOCK_CELLS
+        else:
+            assert size <= BLOCK_CELLS and g.gid >= npairs + nf
+        for item in g.serves:
+            members = pairs[item] if item < npairs else (item - npairs,)
+            assert set(members) <= set(g.members)
+    # Without cardinalities every pair and marginal is its own direct group.
+    assert all(g.direct for g in plan_groups(nf, None)) and len(plan_groups(nf, None)) == npairs + nf
+
+
 def test_out_of_range_index_fails_with_a_clear_error(spark):
     items = spark.createDataFrame([(0, 2, 3), (1, -4, 3)], "item_index int, f_a int, f_b int")
-    with pytest.raises(Exception, match="f_a.*-4.*encoded indices must be in"):
-        pairwise_mutual_info(items, [("a", "f_a", False), ("b", "f_b", False)]).collect()
+    feats = [("a", "f_a", False), ("b", "f_b", False)]
+    with pytest.raises(Exception, match="f_a.*-4.*expected an encoded vocabulary index"):
+        pairwise_mutual_info(items, feats).collect()
+    # With stats, the bound is the cardinality they state.
+    with pytest.raises(Exception, match="f_b.*index 3.*\\[0, 3\\)"):
+        pairwise_mutual_info(items.where("f_a >= 0"), feats, stats=FeatureStats((3, 3), 2)).collect()
 
 
 def test_bad_arguments_are_reported(spark):
