@@ -28,7 +28,9 @@ single-process result.
     {
       "recall@10": 0.21, "ndcg@10": 0.12, ... one pair per K in eval.ks,
       "by_bucket": {"head": {"recall@10": ...}, "tail": {...}, "cold": {...}},
-      "mostpop":   {"recall@10": ..., "ndcg@10": ..., ..., "by_bucket": {...}},
+      "by_popularity_decile": [{"group": 0, "items": 168, "min_count": 57, "max_count": 485,
+                                "users": 150, "recall@10": ..., "recall@50": ..., ...}, ... 10 groups],
+      "mostpop":   {"recall@10": ..., "ndcg@10": ..., ..., "by_bucket": {...}, "by_popularity_decile": [...]},
       "counts":    {"users": 114,                  # scored queries (eval users with >= 1 new item)
                     "items": 150,                  # real catalogue items ranked
                     "ground_truth_pairs": 168,     # (user, new eval item) pairs scored
@@ -69,6 +71,7 @@ from common.metrics import (
     bucket_recall,
     item_buckets,
     merge_topk,
+    popularity_deciles,
     retrieval_metrics,
     topk_excluding,
 )
@@ -356,16 +359,33 @@ def _clean(x: Any) -> Any:
     """NaN (a metric over zero users) -> None, so the file is strict JSON."""
     if isinstance(x, dict):
         return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
     if isinstance(x, float) and math.isnan(x):
         return None
     return x
 
 
 def score_lists(top_rows: Tensor, truth: tuple[np.ndarray, np.ndarray], buckets: np.ndarray,
-                ks: Sequence[int]) -> dict[str, Any]:
+                ks: Sequence[int], counts: np.ndarray, real_rows: np.ndarray) -> dict[str, Any]:
     out: dict[str, Any] = dict(retrieval_metrics(top_rows, CSR(*truth), ks))
     out["by_bucket"] = bucket_recall(top_rows, CSR(*truth), buckets, ks)
+    out["by_popularity_decile"] = decile_recall(top_rows, truth, counts, real_rows, ks)
     return out
+
+
+def decile_recall(top_rows: Tensor, truth: tuple[np.ndarray, np.ndarray], counts: np.ndarray,
+                  real_rows: np.ndarray, ks: Sequence[int]) -> list[dict[str, Any]]:
+    """Recall@K per popularity decile of the catalogue (group 0 = the most-clicked 10% of items),
+    every K in one record per decile; see ``common.metrics.popularity_deciles``."""
+    merged: list[dict[str, Any]] = []
+    for k in ks:
+        for i, rec in enumerate(popularity_deciles(top_rows, CSR(*truth), counts, real_rows, k)):
+            if len(merged) <= i:
+                merged.append(rec)
+            else:
+                merged[i][f"recall@{k}"] = rec[f"recall@{k}"]
+    return merged
 
 
 @dataclass
@@ -420,8 +440,9 @@ def compute(run_dir: str, num_shards: Optional[int] = None, batch_size: int = EM
         model_top = local_topk(scorer, catalogue, user_emb, queries.exclude, kmax, batch_size)
     mostpop_top = mostpop_topk(counts, catalogue.item_indices, queries.num_users, queries.exclude, kmax)
 
-    metrics: dict[str, Any] = score_lists(model_top[1], queries.truth, buckets, ks)
-    metrics["mostpop"] = score_lists(mostpop_top[1], queries.truth, buckets, ks)
+    real_rows = catalogue.item_indices.numpy()
+    metrics: dict[str, Any] = score_lists(model_top[1], queries.truth, buckets, ks, counts, real_rows)
+    metrics["mostpop"] = score_lists(mostpop_top[1], queries.truth, buckets, ks, counts, real_rows)
     per_bucket = bucket_counts(CSR(*queries.truth), queries.num_users, buckets)
     metrics["counts"] = {
         "users": queries.num_users,

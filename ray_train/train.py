@@ -49,7 +49,7 @@ from ray_train.data import (
     table_uri,
     train_columns,
 )
-from ray_train.worker import FAILURE_KEY, HISTORY_FILE, STATE_FILE, train_loop_per_worker
+from ray_train.worker import FAILURE_KEY, HISTORY_FILE, STATE_FILE, train_loop_per_worker, write_json
 
 CONFIG_FILE = "config.json"
 
@@ -112,13 +112,14 @@ def resolve_run(args: argparse.Namespace) -> tuple[Config, str, bool]:
     return cfg, run_dir, False
 
 
-def init_ray(cfg: Config) -> None:
-    """Join ``RAY_ADDRESS``'s cluster, or start a local one with CPUs to spare for Ray Data."""
+def init_ray(cfg: Config, concurrent_runs: int = 1) -> None:
+    """Join ``RAY_ADDRESS``'s cluster, or start a local one with CPUs to spare for Ray Data
+    (``concurrent_runs`` runs of ``cfg``'s size at once, for experiments)."""
     import ray
 
     if ray.is_initialized():
         return
-    need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker)
+    need = concurrent_runs * math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker)
     if os.environ.get("RAY_ADDRESS"):
         ctx = ray.init(log_to_driver=True)
         print(f"[train] joined the Ray cluster at {ctx.address_info.get('gcs_address')}", flush=True)
@@ -187,7 +188,9 @@ def train_dataset(cfg: Config, manifest: dict[str, Any], specs: list) -> Any:
         f"{'materialized once' if materialize else 'streamed from Parquet every epoch'}",
         flush=True,
     )
-    return read_train_dataset(prepared, manifest, specs, cfg.train.seed, cfg.train.batch_size, materialize)
+    return read_train_dataset(
+        prepared, manifest, specs, cfg.train.seed, cfg.train.batch_size, materialize, cfg.train.data_fraction
+    )
 
 
 def fit(cfg: Config, run_dir: str) -> Any:
@@ -199,15 +202,17 @@ def fit(cfg: Config, run_dir: str) -> Any:
     prepared = cfg.paths.prepared
     manifest = read_manifest(prepared)
     specs = specs_from_manifest(manifest)
-    num_rows = _train_rows(manifest)
+    dataset = train_dataset(cfg, manifest, specs)
+    # A down-sample's size is known only by counting it (free once materialized).
+    num_rows = _train_rows(manifest) if tc.data_fraction == 1.0 else dataset.count()
     steps = steps_per_epoch(num_rows, tc.num_workers, tc.batch_size)
     if steps < 1:
         raise ValueError(
-            f"{table_uri(prepared, manifest, 'train')} holds {num_rows} rows: {tc.num_workers} workers "
-            f"get {num_rows // tc.num_workers} each, less than one batch of train.batch_size="
-            f"{tc.batch_size}. Lower train.batch_size or train.num_workers."
+            f"{table_uri(prepared, manifest, 'train')} holds {num_rows} rows (train.data_fraction="
+            f"{tc.data_fraction:g}): {tc.num_workers} workers get {num_rows // tc.num_workers} each, less "
+            f"than one batch of train.batch_size={tc.batch_size}. Lower train.batch_size or "
+            f"train.num_workers, or raise train.data_fraction."
         )
-    dataset = train_dataset(cfg, manifest, specs)
     resources = {"CPU": tc.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
@@ -224,7 +229,8 @@ def fit(cfg: Config, run_dir: str) -> Any:
         dataset_config=train_data_config(),
     )
     print(
-        f"[train] {run_dir}: {tc.num_workers} workers x {tc.batch_size} rows, {steps} steps/epoch, "
+        f"[train] {run_dir}: {num_rows:,} train events (data_fraction {tc.data_fraction:g}), "
+        f"{tc.num_workers} workers x {tc.batch_size} rows, {steps} steps/epoch, "
         f"{tc.epochs} epochs, ssl.method={cfg.ssl.method}",
         flush=True,
     )
@@ -241,14 +247,6 @@ def _train_rows(manifest: dict[str, Any]) -> int:
         ) from None
 
 
-def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
-
-
 def write_run_outputs(cfg: Config, run_dir: str, checkpoint: Any) -> list[dict[str, Any]]:
     """From the final checkpoint: ``model/model.pt``, ``model/features.json``,
     ``model/mutual_info.json``, ``history.json``; returns the history."""
@@ -262,10 +260,10 @@ def write_run_outputs(cfg: Config, run_dir: str, checkpoint: Any) -> list[dict[s
             history = json.load(fh)
     os.makedirs(os.path.join(run_dir, "model"), exist_ok=True)
     torch.save({"model": state["model"], "epoch": int(state["epoch"])}, os.path.join(run_dir, "model", "model.pt"))
-    _write_json(os.path.join(run_dir, "model", "features.json"), manifest["features"])
+    write_json(os.path.join(run_dir, "model", "features.json"), manifest["features"])
     mi = read_table(table_uri(prepared, manifest, "mutual_info"), ["feature_a", "feature_b", "mi"])
-    _write_json(os.path.join(run_dir, "model", "mutual_info.json"), mi.to_pylist())
-    _write_json(os.path.join(run_dir, HISTORY_FILE), history)
+    write_json(os.path.join(run_dir, "model", "mutual_info.json"), mi.to_pylist())
+    write_json(os.path.join(run_dir, HISTORY_FILE), history)
     return history
 
 
@@ -279,11 +277,11 @@ def format_history(history: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: Config, run_dir: str, resumed: bool = False, evaluate: bool = True) -> dict[str, Any]:
-    """Train (or continue) the run in ``run_dir``, write the run folder, evaluate and export.
-    Returns ``{"run_dir", "history", "metrics"}`` (metrics None when ``evaluate`` is off)."""
+def run(cfg: Config, run_dir: str, resumed: bool = False, evaluate: bool = True, export: bool = True) -> dict[str, Any]:
+    """Train (or continue) the run in ``run_dir``, write the run folder, evaluate and (``export``)
+    export. Returns ``{"run_dir", "history", "metrics"}`` (metrics None when ``evaluate`` is off)."""
     os.makedirs(run_dir, exist_ok=True)
-    _write_json(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
+    write_json(os.path.join(run_dir, CONFIG_FILE), cfg.to_dict())
     if resumed:
         print(f"[train] resuming {run_dir} from its last checkpoint in {os.path.join(run_dir, 'ray')}", flush=True)
     init_ray(cfg)
@@ -313,9 +311,10 @@ def run(cfg: Config, run_dir: str, resumed: bool = False, evaluate: bool = True)
         from ray_train.export import export_run
 
         metrics = evaluate_run(run_dir)
-        exported = export_run(run_dir)  # also adds "ann" to metrics.json when eval.ann_index
-        if "ann" in exported:
-            metrics["ann"] = exported["ann"]
+        if export:
+            exported = export_run(run_dir)  # also adds "ann" to metrics.json when eval.ann_index
+            if "ann" in exported:
+                metrics["ann"] = exported["ann"]
         print(format_table(metrics), flush=True)
         print(f"[train] metrics -> {os.path.join(run_dir, 'metrics.json')}", flush=True)
         out["metrics"] = metrics

@@ -231,7 +231,7 @@ def _restore(
     return state, blob["optimizer"], gen_state
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as fh:
@@ -283,7 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     if checkpoint is not None:
         state, opt_state, gen_state = _restore(checkpoint, task, rank)
     resumed_from = {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch} if checkpoint else None
-    _write_json(
+    write_json(
         os.path.join(run_dir, "workers", f"rank{rank}.json"),
         {"pid": os.getpid(), "rank": rank, "attempt": state.attempt, "resumed_from": resumed_from},
     )
@@ -368,7 +368,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
         }
         state.history.append(record)
         if rank == 0:
-            _write_json(os.path.join(run_dir, HISTORY_FILE), state.history)
+            write_json(os.path.join(run_dir, HISTORY_FILE), state.history)
         with_ckpt = state.epoch % tc.checkpoint_every_epochs == 0 or epoch == last_epoch
         _report(record, with_ckpt, task, optimizer, state, generator, rank)
     return None

@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 from common.config import Config, FeatureDecl
 from common.features import FIRST_INDEX, HISTORY, ITEM_ID, OOV_INDEX, USER_ID, FeatureSpec, feature_column
 from spark_jobs.io import path_exists, prepared_path, write_table_atomic
-from spark_jobs.split import EVAL, TRAIN, add_history, assign_split, time_boundary
+from spark_jobs.split import EVAL, TRAIN, add_history, split_log
 from spark_jobs.vocab import build_vocab, feature_values, value_column
 
 EMPTY_INT_ARRAY = "array<int>"
@@ -255,8 +255,8 @@ def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
     try:
         interactions = interactions.persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(interactions)
-        boundary = time_boundary(interactions, split_cfg)
-        log = assign_split(interactions, split_cfg, boundary).persist(StorageLevel.MEMORY_AND_DISK)
+        log, boundary, withheld_rows = split_log(interactions, split_cfg)
+        log = log.persist(StorageLevel.MEMORY_AND_DISK)
         cached.append(log)
 
         tables: dict[str, str] = {}
@@ -297,7 +297,7 @@ def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         train_rows = int(per_split[TRAIN]["rows"]) if TRAIN in per_split else 0
         eval_rows = int(per_split[EVAL]["rows"]) if EVAL in per_split else 0
         input_rows = interactions.count()
-        if train_rows + eval_rows != input_rows:
+        if train_rows + eval_rows + withheld_rows != input_rows:
             raise ValueError(
                 f"{input_rows - train_rows - eval_rows} of {input_rows} events in validated/interactions "
                 f"reference items missing from validated/items; validation should have quarantined them "
@@ -328,12 +328,14 @@ def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         sizes = {name: sec["size"] for name, sec in vocab_section.items()}
         split_section: dict[str, Any] = {
             "kind": split_cfg.kind,
+            "holdout": split_cfg.holdout,
             "boundary": boundary,
             "eval_fraction": split_cfg.eval_fraction if split_cfg.kind == "time" else None,
             "leave_last_n": split_cfg.leave_last_n if split_cfg.kind == "leave_last" else None,
             "history_length": cfg.prepare.history_length,
             "train_rows": train_rows,
             "eval_rows": eval_rows,
+            "withheld_eval_rows": withheld_rows,
             "train_users": int(per_split[TRAIN]["users"]),
             "eval_users": int(per_split[EVAL]["users"]),
             "eval_users_oov": int(users_row["eval_oov_users"]),

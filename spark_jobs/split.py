@@ -11,6 +11,12 @@ Split kinds (``prepare.split``):
   are eval. A user with ``leave_last_n`` events or fewer stays entirely in train, so that every
   eval user has at least one train event.
 
+Holdout (``prepare.split.holdout``): ``eval`` keeps the split as is. ``validation`` drops the eval
+events (``withhold_eval``) and splits the remaining train events again by the same rule
+(``split_log``), so ``eval/`` then holds a validation split carved from train: hyper-parameters are
+chosen there without ever reading the eval split. The withheld events are counted in the
+manifest (``split.withheld_eval_rows``), not quarantined: they are valid, just not this run's.
+
 History: the item indices of the user's last ``history_length`` events strictly before the
 event (oldest first), over the whole log. Events of one user that share a second have no true
 order: none sees the others, and when they enter a later event's history they do so in
@@ -85,6 +91,27 @@ def assign_split(interactions: DataFrame, split_cfg: SplitConfig, boundary: Opti
         is_eval = (F.row_number().over(latest_first) <= n) & (F.count(F.lit(1)).over(per_user) > n)
         return interactions.withColumn("split", F.when(is_eval, F.lit(EVAL)).otherwise(F.lit(TRAIN)))
     raise ValueError(f"unknown prepare.split.kind {split_cfg.kind!r}; expected 'time' or 'leave_last'")
+
+
+def withhold_eval(log: DataFrame) -> DataFrame:
+    """The train events of a split log, without the ``split`` column (the input of a second split)."""
+    return log.where(F.col("split") == TRAIN).drop("split")
+
+
+def split_log(interactions: DataFrame, split_cfg: SplitConfig) -> tuple[DataFrame, Optional[int], int]:
+    """``(log with split column, boundary, withheld eval rows)`` per ``split_cfg.holdout``: the
+    eval/train split, or (``validation``) the split of the train part. Computes the boundaries
+    (actions); the returned log is lazy."""
+    boundary = time_boundary(interactions, split_cfg)
+    log = assign_split(interactions, split_cfg, boundary)
+    if split_cfg.holdout == "eval":
+        return log, boundary, 0
+    if split_cfg.holdout != "validation":
+        raise ValueError(f"unknown prepare.split.holdout {split_cfg.holdout!r}; expected 'eval' or 'validation'")
+    withheld = log.where(F.col("split") == EVAL).count()
+    inner = withhold_eval(log)
+    inner_boundary = time_boundary(inner, split_cfg)
+    return assign_split(inner, split_cfg, inner_boundary), inner_boundary, int(withheld)
 
 
 def _last_n(arr: Column, n: int) -> Column:

@@ -163,3 +163,41 @@ def test_time_split_needs_a_boundary(spark):
     df = spark.createDataFrame([("u", "a", 1)], SCHEMA)
     with pytest.raises(ValueError, match="boundary"):
         assign_split(df, SplitConfig(kind="time"), None)
+
+
+def test_validation_holdout_hand_computed(spark):
+    from spark_jobs.split import split_log
+
+    df = spark.createDataFrame([("u", f"i{t}", t) for t in range(1, 11)], SCHEMA)
+    log, boundary, withheld = split_log(df, SplitConfig(kind="time", eval_fraction=0.3, holdout="validation"))
+    # Eval = ts 8..10 (withheld); train ts 1..7 split again: rank floor(0.7 * 7) = 4 -> boundary 5.
+    assert withheld == 3 and boundary == 5
+    got = {r["timestamp"]: r["split"] for r in log.collect()}
+    assert got == {t: ("eval" if t >= 5 else "train") for t in range(1, 8)}
+
+
+@pytest.mark.parametrize("seed,kind", [(0, "time"), (1, "leave_last"), (2, "time")])
+def test_validation_holdout_never_contains_eval_events(spark, seed, kind):
+    from spark_jobs.split import split_log
+
+    pdf = _random_log(seed, n=200)
+    df = _to_spark(spark, pdf).repartition(2)
+    base = SplitConfig(kind=kind, eval_fraction=0.2, leave_last_n=2)
+    outer, _, zero = split_log(df, base)
+    assert zero == 0
+    outer_pd = outer.toPandas()
+    inner, _, withheld = split_log(df, SplitConfig(kind=kind, eval_fraction=0.2, leave_last_n=2, holdout="validation"))
+    inner_pd = inner.toPandas()
+    key = ["user_id", "item_id", "timestamp"]
+    # input = train + validation + withheld, and the withheld events are exactly the eval split.
+    assert len(inner_pd) + withheld == len(pdf)
+    assert withheld == int((outer_pd["split"] == "eval").sum())
+    eval_keys = Counter(map(tuple, outer_pd.loc[outer_pd["split"] == "eval", key].values.tolist()))
+    train_keys = Counter(map(tuple, outer_pd.loc[outer_pd["split"] == "train", key].values.tolist()))
+    assert Counter(map(tuple, inner_pd[key].values.tolist())) == train_keys
+    # Validation is carved from train by the same rule: splitting the outer train part directly agrees.
+    again, _, _ = split_log(_to_spark(spark, outer_pd[outer_pd["split"] == "train"]), base)
+    assert Counter(map(tuple, again.toPandas()[key + ["split"]].values.tolist())) == Counter(
+        map(tuple, inner_pd[key + ["split"]].values.tolist())
+    )
+    assert (inner_pd["split"] == "eval").any() and eval_keys
