@@ -363,10 +363,12 @@ def _tuning_section(record: dict[str, Any]) -> list[str]:
     return lines
 
 
-def build_report(exp_dir: str) -> str:
+def build_report(exp_dir: str, plots_dir: Optional[str] = None, link_dir: str = PLOTS_DIR) -> str:
+    """The report's markdown; plots are written to ``plots_dir`` (default ``<exp_dir>/plots``)
+    and linked as ``<link_dir>/<name>.png``."""
     record, results, missing = load_results(exp_dir)
     methods = record["methods"]
-    plots = os.path.join(exp_dir, PLOTS_DIR)
+    plots = plots_dir or os.path.join(exp_dir, PLOTS_DIR)
     os.makedirs(plots, exist_ok=True)
     out = [
         f"# Experiment `{record['name']}`",
@@ -397,10 +399,10 @@ def build_report(exp_dir: str) -> str:
         tag = _fraction_tag(fraction)
         glance, rows = glance_table(sub, methods)
         summary.append(verdict(rows, fraction))
-        deciles_png = f"{PLOTS_DIR}/deciles_{tag}.png"
-        losses_png = f"{PLOTS_DIR}/losses_{tag}.png"
-        plot_deciles(sub, methods, os.path.join(exp_dir, deciles_png))
-        plot_losses(sub, methods, os.path.join(exp_dir, losses_png))
+        deciles_png = f"{link_dir}/deciles_{tag}.png"
+        losses_png = f"{link_dir}/losses_{tag}.png"
+        plot_deciles(sub, methods, os.path.join(plots, f"deciles_{tag}.png"))
+        plot_losses(sub, methods, os.path.join(plots, f"losses_{tag}.png"))
         sections += [
             f"## Training data fraction {fraction:g}", "",
             f"### Overall (mean ± std over seeds, change vs baseline)", "",
@@ -423,20 +425,52 @@ def build_report(exp_dir: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(exp_dir: str) -> str:
-    text = build_report(exp_dir)
-    path = os.path.join(exp_dir, REPORT_FILE)
+def _write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+def write_report(exp_dir: str) -> str:
+    path = os.path.join(exp_dir, REPORT_FILE)
+    _write_text(path, build_report(exp_dir))
     return path
+
+
+def write_combined(exp_dirs: Sequence[str], out: str, command: str) -> str:
+    """Several experiments' reports in one markdown file (e.g. ``docs/results.md``), each one's
+    plots in ``<out without .md>/<experiment name>/``; headings move one level down."""
+    out_dir = os.path.dirname(os.path.abspath(out))
+    asset_root = os.path.splitext(os.path.abspath(out))[0]
+    parts = ["# Results", "", f"Produced by `{command}`.", ""]
+    for exp_dir in exp_dirs:
+        name = load_results(exp_dir)[0]["name"]
+        plots = os.path.join(asset_root, name)
+        body = build_report(exp_dir, plots, os.path.relpath(plots, out_dir))
+        parts += ["#" + line if line.startswith("#") else line for line in body.splitlines()] + [""]
+    os.makedirs(out_dir, exist_ok=True)
+    _write_text(out, "\n".join(parts))
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
     p = argparse.ArgumentParser(description="Write report.md and plots for a finished (or partial) experiment")
-    p.add_argument("--experiment", required=True, help="the experiment's output folder (holds experiment.json)")
-    path = write_report(p.parse_args(argv).experiment)
+    p.add_argument("--experiment", required=True, action="append",
+                   help="an experiment's output folder (holds experiment.json); repeat with --out to combine")
+    p.add_argument("--out", default=None, help="write one combined markdown file here (e.g. docs/results.md)")
+    p.add_argument("--produced-by", default=None,
+                   help="the command named at the top of the combined file (default: this report command)")
+    args = p.parse_args(argv)
+    if args.out:
+        command = args.produced_by or (
+            "python -m ray_train.report " + " ".join(f"--experiment {e}" for e in args.experiment) + f" --out {args.out}"
+        )
+        path = write_combined(args.experiment, args.out, command)
+    elif len(args.experiment) == 1:
+        path = write_report(args.experiment[0])
+    else:
+        p.error("several --experiment folders need --out FILE")
     print(path)
     return path
 

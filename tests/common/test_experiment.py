@@ -109,22 +109,6 @@ def test_bad_experiment_configs_name_the_key(kw, match):
         _exp(**kw)
 
 
-def test_shipped_experiment_configs_load_and_build_valid_trial_configs():
-    from ray_train.experiment import trial_config
-
-    for name in ("ml-100k", "ml-latest-small"):
-        exp, base = load_experiment(ROOT / "conf" / "experiments" / f"{name}.yaml")
-        assert set(exp.methods) == set(METHODS) and len(exp.seeds) >= 3 and 0.1 in exp.data_fractions
-        assert exp.tuning is not None and exp.tuning.prepared.endswith("prepared-validation")
-        chosen = inherit_choices({m: {k: v[0] for k, v in axes.items()} for m, axes in exp.tuning.space.items()},
-                                 exp.tuning.inherit)
-        for t in tuning_trials(exp) + final_trials(exp, chosen):
-            cfg = trial_config(base, exp, t)
-            assert cfg.train.seed == t.seed and cfg.train.data_fraction == t.data_fraction
-            if t.stage == "tune":
-                assert cfg.paths.prepared == exp.tuning.prepared
-
-
 def test_load_experiment_resolves_base_relative_to_the_file(tmp_path):
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "base.yaml").write_text(yaml.safe_dump({"train": {"epochs": 2}}))
