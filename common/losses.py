@@ -39,6 +39,16 @@ def _rows_mean(per_row: Tensor, weights: Tensor | None) -> Tensor:
     return (per_row * weights.to(per_row.dtype)).mean()
 
 
+def _check_pair(rows: Tensor, candidates: Tensor, labels: Tensor, fn: str, rows_name: str) -> None:
+    """``rows [B, D]`` and ``candidates [N, D]`` share D; ``labels [B]`` index the candidates."""
+    if rows.dim() != 2 or candidates.dim() != 2 or rows.shape[1] != candidates.shape[1]:
+        raise ValueError(
+            f"{fn}: {rows_name} [B, D] and candidates [N, D] must share D, got "
+            f"{tuple(rows.shape)} and {tuple(candidates.shape)}"
+        )
+    _check_labels(labels, rows.shape[0], candidates.shape[0], fn)
+
+
 def _check_labels(labels: Tensor, n_queries: int, n_candidates: int, who: str) -> None:
     if labels.shape != (n_queries,):
         raise ValueError(f"{who}: labels must be [{n_queries}] (one per query), got {tuple(labels.shape)}")
@@ -72,12 +82,7 @@ def batch_softmax_loss(
     item elsewhere in the batch) are removed from the softmax: they are not negatives.
     Per-row loss ``l_i = -log softmax_i[labels_i]``; result ``mean_i(w_i * l_i)``.
     """
-    if query.dim() != 2 or candidates.dim() != 2 or query.shape[1] != candidates.shape[1]:
-        raise ValueError(
-            f"batch_softmax_loss: query [B, D] and candidates [N, D] must share D, got "
-            f"{tuple(query.shape)} and {tuple(candidates.shape)}"
-        )
-    _check_labels(labels, query.shape[0], candidates.shape[0], "batch_softmax_loss")
+    _check_pair(query, candidates, labels, "batch_softmax_loss", "query")
     logits = _logits(query, candidates, tau)
     if log_q is not None:
         if log_q.shape != (candidates.shape[0],):
@@ -105,12 +110,7 @@ def info_nce_loss(anchors: Tensor, candidates: Tensor, labels: Tensor, tau: floa
     ``anchors [B, D]`` (view 1), ``candidates [N, D]`` (view 2), ``labels [B]``: the second view of
     anchor ``i``; every other candidate is a negative (Yao et al. 2021, eq. 3).
     """
-    if anchors.dim() != 2 or candidates.dim() != 2 or anchors.shape[1] != candidates.shape[1]:
-        raise ValueError(
-            f"info_nce_loss: anchors [B, D] and candidates [N, D] must share D, got "
-            f"{tuple(anchors.shape)} and {tuple(candidates.shape)}"
-        )
-    _check_labels(labels, anchors.shape[0], candidates.shape[0], "info_nce_loss")
+    _check_pair(anchors, candidates, labels, "info_nce_loss", "anchors")
     logits = _logits(anchors, candidates, tau)
     return F.cross_entropy(logits, labels)
 

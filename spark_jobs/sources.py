@@ -348,23 +348,30 @@ def _read_genre_names(uri: str) -> list[str]:
     return [name for _, name in sorted(pairs)]
 
 
+def _read_ratings(spark: SparkSession, path: str, options: dict[str, str], names: tuple[str, str, str, str]) -> DataFrame:
+    """A MovieLens ratings file (user, item, rating, epoch seconds) as ``user_id, item_id, time``;
+    ``names`` are the file's column names in that order."""
+    user, item, rating, time = names
+    schema = T.StructType(
+        [
+            T.StructField(user, T.StringType()),
+            T.StructField(item, T.StringType()),
+            T.StructField(rating, T.DoubleType()),
+            T.StructField(time, T.LongType()),
+        ]
+    )
+    return spark.read.options(**options).schema(schema).csv(path).select(
+        F.col(user).alias("user_id"), F.col(item).alias("item_id"), F.col(time).alias("time")
+    )
+
+
 def _load_movielens_100k(spark: SparkSession, cfg: Config) -> RawInputs:
     kind = "movielens-100k"
     files = ensure_movielens_files(cfg.paths.raw, kind, cfg.dataset.download)
     pipe = {"sep": "|", "header": "false", "quote": "", "encoding": "ISO-8859-1"}
 
-    ratings_schema = T.StructType(
-        [
-            T.StructField("user_id", T.StringType()),
-            T.StructField("item_id", T.StringType()),
-            T.StructField("rating", T.DoubleType()),
-            T.StructField("time", T.LongType()),
-        ]
-    )
-    interactions = (
-        spark.read.options(sep="\t", header="false").schema(ratings_schema).csv(files["u.data"])
-        .select("user_id", "item_id", "time")
-    )
+    interactions = _read_ratings(spark, files["u.data"], {"sep": "\t", "header": "false"},
+                                 ("user_id", "item_id", "rating", "time"))
 
     genres = _read_genre_names(files["u.genre"])
     item_fields = ["item_id", "title", "release_date", "video_release_date", "imdb_url"]
@@ -418,17 +425,7 @@ def _load_movielens_latest_small(spark: SparkSession, cfg: Config) -> RawInputs:
     # RFC 4180 quoting: titles and tags hold commas and doubled quotes.
     csv = {"header": "true", "quote": '"', "escape": '"', "encoding": "UTF-8"}
 
-    ratings_schema = T.StructType(
-        [
-            T.StructField("userId", T.StringType()),
-            T.StructField("movieId", T.StringType()),
-            T.StructField("rating", T.DoubleType()),
-            T.StructField("timestamp", T.LongType()),
-        ]
-    )
-    interactions = spark.read.options(**csv).schema(ratings_schema).csv(files["ratings.csv"]).select(
-        F.col("userId").alias("user_id"), F.col("movieId").alias("item_id"), F.col("timestamp").alias("time")
-    )
+    interactions = _read_ratings(spark, files["ratings.csv"], csv, ("userId", "movieId", "rating", "timestamp"))
 
     movie_schema = T.StructType([T.StructField(n, T.StringType()) for n in ("movieId", "title", "genres")])
     movies = spark.read.options(**csv).schema(movie_schema).csv(files["movies.csv"])
