@@ -8,6 +8,10 @@ empty for multi-valued ones, and they are never sampled nor listed in ``item_ind
 
 The source is the ``items/`` Parquet table of the data contract (``docs/data_contract.md``):
 ``item_index`` int32 plus one column per item feature (``int32`` or ``list<int32>``).
+
+Train workers hold one (``train.catalogue: replicated``) up to a size the README states; past it
+(``streaming``) the catalogue is sharded over Ray actors instead (``ray_train/streaming.py``), whose
+SSL draws are the same exact ``torch.randint`` over item positions that ``sample_uniform`` makes.
 """
 
 from __future__ import annotations

@@ -334,6 +334,10 @@ class SSLConfig:
         return self.method in ("rfm", "rfm_no_compl", "cfm")
 
 
+CatalogueMode = Literal["auto", "replicated", "streaming"]
+CATALOGUE_MODES: tuple[str, ...] = typing.get_args(CatalogueMode)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     num_workers: int = 2
@@ -359,8 +363,17 @@ class TrainConfig:
     # Train on this fraction of train/ events: a deterministic hash down-sample of the events
     # (the same events for every seed and method; the 10% sample is a subset of the 50% one).
     data_fraction: float = 1.0
+    # Where train workers get item features from (``ray_train/streaming.py``): ``replicated`` loads
+    # the whole encoded catalogue into every worker; ``streaming`` keeps it once in the cluster, in
+    # shard actors, and denormalises the positives into the train rows; ``auto`` streams when the
+    # replicated catalogue would exceed ``ray_train.streaming.REPLICATE_MAX_BYTES`` per worker.
+    catalogue: CatalogueMode = "auto"
 
     def __post_init__(self) -> None:
+        if self.catalogue not in CATALOGUE_MODES:
+            raise ConfigError(
+                f"train.catalogue must be one of {list(CATALOGUE_MODES)}, got {self.catalogue!r}"
+            )
         if self.num_workers < 1:
             raise ConfigError("train.num_workers must be >= 1")
         if self.batch_size < 2:

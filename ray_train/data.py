@@ -1,5 +1,6 @@
 """Inputs of a training run: the train log as a Ray Dataset, the item catalogue, popularity and
-mutual information, and the Arrow -> torch collate that turns list columns into ``Ragged``.
+mutual information, and the Arrow -> torch collate that turns list columns into ``Ragged`` (and,
+with a streamed catalogue, the denormalised positives into ``TrainBatch.item``).
 
 Two inputs, two mechanisms:
 
@@ -30,19 +31,26 @@ Two inputs, two mechanisms:
   once: each epoch then permutes in-memory blocks instead of re-reading Parquet, which removes a
   per-epoch start-up of seconds. Larger logs stream from Parquet every epoch.
 
-* **The item catalogue** (``<prepared>/items``) is loaded whole into every worker as a
-  ``common.catalogue.Catalogue``: the SSL task samples items uniformly from the whole catalogue
-  (never-clicked items included) and the main task looks up positive items' features by index,
-  both random access that a streaming dataset cannot serve.
+* **The item catalogue** (``<prepared>/items``), ``train.catalogue``:
 
-  Memory per worker (``catalogue_bytes``), per item: 8 bytes per single-valued item feature
-  (int64; ``item_id`` is one), per multi-valued feature 8 bytes (offset) + 8 bytes per value,
-  4 bytes of ``log_q`` (float32) and 8 bytes of ``item_indices``:
-  ``8 * (1 + singles + multis) + 8 * values + 4``.
-  The default synthetic catalogue (item_id + 5 single-valued features + ``tags`` with 1.84 values
-  on average) measures 82.9 bytes per item: 1M items ~ 83 MB, 10M items ~ 0.8 GB per worker, times
-  the workers of a node. Well beyond that (or with long multi-valued features), the catalogue
-  would have to be sharded across workers (not implemented).
+  - ``replicated`` (``auto`` below ``ray_train.streaming.REPLICATE_MAX_BYTES`` per worker): loaded
+    whole into every worker as a ``common.catalogue.Catalogue``: the SSL task samples items
+    uniformly from the whole catalogue (never-clicked items included) and the main task looks up
+    positive items' features by index, both random access into local tensors.
+
+    Memory per worker (``catalogue_bytes``), per item: 8 bytes per single-valued item feature
+    (int64; ``item_id`` is one), per multi-valued feature 8 bytes (offset) + 8 bytes per value,
+    4 bytes of ``log_q`` (float32) and 8 bytes of ``item_indices``:
+    ``8 * (1 + singles + multis) + 8 * values + 4``.
+    The default synthetic catalogue (item_id + 5 single-valued features + ``tags`` with 1.84 values
+    on average) measures 82.9 bytes per item: 1M items ~ 83 MB, 10M items ~ 0.8 GB per worker,
+    times the workers of a node.
+  - ``streaming`` (``auto`` above the limit; ``ray_train/streaming.py``): the catalogue lives once
+    in the cluster, in shard actors. ``read_train_dataset(catalogue_service=...)`` denormalises
+    the clicked items' features and ``log_q`` into the train rows (columns ``POSITIVE_PREFIX +
+    <column>``, a Ray Data map stage before the block order is randomized) and the collate turns
+    them into ``TrainBatch.item`` / ``log_q``; the SSL items come from
+    ``streaming.UniformItemStream`` (exact uniform draws with ``sampling_generator``).
 
 Batches: ``iter_torch_batches(collate_fn=RaggedCollate(...))`` turns Arrow chunks of
 ``CHUNK_BATCHES`` batches into ``TrainBatch`` es in Ray Data's prefetch thread (overlapping the
@@ -123,24 +131,43 @@ def arrow_to_long(column: pa.Array | pa.ChunkedArray, what: str = "column") -> T
 @dataclass
 class TrainBatch:
     """One training batch: ``user`` features (``[B]`` tensors / ``Ragged`` with ``B`` rows,
-    keyed by FeatureSpec.name, history included) and the clicked ``item_index`` int64 ``[B]``."""
+    keyed by FeatureSpec.name, history included) and the clicked ``item_index`` int64 ``[B]``.
+
+    With a streamed catalogue (``train.catalogue: streaming``) the batch also carries the clicked
+    items' features ``item`` (keyed by item FeatureSpec.name, ``item_id`` included) and their
+    ``log_q`` float32 ``[B]``, denormalised into the rows by Ray Data; otherwise both are None and
+    the worker looks them up in its replicated ``Catalogue``."""
 
     user: FeatureBatch
     item_index: Tensor
+    item: Optional[FeatureBatch] = None
+    log_q: Optional[Tensor] = None
 
     @property
     def num_rows(self) -> int:
         return int(self.item_index.shape[0])
 
     def to(self, device: torch.device | str) -> "TrainBatch":
-        return TrainBatch({k: v.to(device) for k, v in self.user.items()}, self.item_index.to(device))
+        return TrainBatch(
+            {k: v.to(device) for k, v in self.user.items()},
+            self.item_index.to(device),
+            None if self.item is None else {k: v.to(device) for k, v in self.item.items()},
+            None if self.log_q is None else self.log_q.to(device),
+        )
 
     def slice(self, start: int, length: int) -> "TrainBatch":
         """Rows ``start .. start + length`` (views, no copy)."""
         return TrainBatch(
             {k: _slice_rows(v, start, length) for k, v in self.user.items()},
             self.item_index[start : start + length],
+            None if self.item is None else {k: _slice_rows(v, start, length) for k, v in self.item.items()},
+            None if self.log_q is None else self.log_q[start : start + length],
         )
+
+
+def slice_features(features: FeatureBatch, start: int, length: int) -> FeatureBatch:
+    """Rows ``start .. start + length`` of every feature (views, no copy)."""
+    return {k: _slice_rows(v, start, length) for k, v in features.items()}
 
 
 def _slice_rows(x: Tensor | Ragged, start: int, length: int) -> Tensor | Ragged:
@@ -161,9 +188,44 @@ def train_columns(specs: list[FeatureSpec]) -> list[str]:
     return cols
 
 
-def collate_table(table: pa.Table, specs: list[FeatureSpec]) -> TrainBatch:
-    """An Arrow batch of ``train/`` rows -> ``TrainBatch``; list columns become ``Ragged``."""
-    missing = [c for c in train_columns(specs) if c not in table.column_names]
+# Streamed catalogue: the clicked item's features and log_q are denormalised into each train row
+# as columns ``POSITIVE_PREFIX + <items/ column>`` (the item id is the row's own ``item_index``).
+POSITIVE_PREFIX = "pos__"
+LOG_Q_COLUMN = "log_q"
+
+
+def positive_columns(specs: list[FeatureSpec]) -> list[str]:
+    """The denormalised item columns of a train row (streamed catalogue), ``log_q`` last."""
+    return [POSITIVE_PREFIX + s.column for s in side(specs, "item") if s.name != ITEM_ID] + [
+        POSITIVE_PREFIX + LOG_Q_COLUMN
+    ]
+
+
+def item_features_from_table(
+    table: pa.Table, specs: list[FeatureSpec], prefix: str = "", what: str = "items"
+) -> FeatureBatch:
+    """Item features of an Arrow table of item rows (columns ``prefix + <items/ column>``, the id
+    from the unprefixed ``item_index``) as a ``FeatureBatch`` keyed by item FeatureSpec.name, in
+    the layout ``Catalogue.lookup`` returns (int64 tensors, ``Ragged`` for multi-valued features)."""
+    out: FeatureBatch = {}
+    for s in side(specs, "item"):
+        column = s.column if s.name == ITEM_ID else prefix + s.column
+        if column not in table.column_names:
+            raise ValueError(
+                f"{what}: {table.num_rows} item rows lack column {column!r} (has {table.column_names}); "
+                f"the manifest's features and the items/ table come from different preparations"
+            )
+        col, label = table.column(column), f"{what}/{column} (feature {s.name!r})"
+        out[s.name] = arrow_to_ragged(col, label) if s.multi else arrow_to_long(col, label)
+    return out
+
+
+def collate_table(table: pa.Table, specs: list[FeatureSpec], positives: bool = False) -> TrainBatch:
+    """An Arrow batch of ``train/`` rows -> ``TrainBatch``; list columns become ``Ragged``.
+    ``positives``: the rows also carry the clicked item's features and ``log_q``
+    (``positive_columns``, streamed catalogue), collated into ``TrainBatch.item`` / ``log_q``."""
+    wanted = train_columns(specs) + (positive_columns(specs) if positives else [])
+    missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise ValueError(
             f"train batch of {table.num_rows} rows lacks column(s) {missing} (has {table.column_names}); "
@@ -175,7 +237,17 @@ def collate_table(table: pa.Table, specs: list[FeatureSpec]) -> TrainBatch:
         what = f"train/{s.column} (feature {s.name!r})"
         user[s.name] = arrow_to_ragged(col, what) if s.multi else arrow_to_long(col, what)
     item = arrow_to_long(table.column(feature_column(ITEM_ID)), f"train/{feature_column(ITEM_ID)}")
-    return TrainBatch(user, item)
+    if not positives:
+        return TrainBatch(user, item)
+    item_feats = item_features_from_table(table, specs, POSITIVE_PREFIX, "train")
+    log_q = _float32(table.column(POSITIVE_PREFIX + LOG_Q_COLUMN))
+    return TrainBatch(user, item, item_feats, log_q)
+
+
+def _float32(column: pa.Array | pa.ChunkedArray) -> Tensor:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    return torch.from_numpy(column.to_numpy(zero_copy_only=False).astype(np.float32))  # a writable copy
 
 
 try:  # Ray is optional for the pure functions above (the benchmark's in-memory path uses them).
@@ -188,11 +260,12 @@ class RaggedCollate(_ArrowCollateBase):  # type: ignore[misc,valid-type]
     """``iter_torch_batches`` collate: Arrow table in, ``TrainBatch`` out. Runs in Ray Data's
     prefetch threads, so it must be (and is) free of shared mutable state."""
 
-    def __init__(self, specs: list[FeatureSpec]) -> None:
+    def __init__(self, specs: list[FeatureSpec], positives: bool = False) -> None:
         self.specs = list(specs)
+        self.positives = positives
 
     def __call__(self, batch: pa.Table) -> TrainBatch:
-        return collate_table(batch, self.specs)
+        return collate_table(batch, self.specs, self.positives)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +319,7 @@ def read_train_dataset(
     batch_size: int,
     materialize: bool = False,
     data_fraction: float = 1.0,
+    catalogue_service: Any = None,
 ):
     """``<prepared>/train`` as a Ray Dataset of the columns the trainer needs, cut into blocks of
     ``BLOCK_BATCHES * batch_size`` rows (the unit ``randomize_block_order`` permutes), its
@@ -256,7 +330,12 @@ def read_train_dataset(
     which removes a per-epoch start-up of seconds (tasks to schedule, files to open).
 
     ``data_fraction < 1``: only the events with ``sample_unit(user_index, item_index, timestamp)
-    < data_fraction`` (the paper's reduced-training-data setting; the same events every run)."""
+    < data_fraction`` (the paper's reduced-training-data setting; the same events every run).
+
+    ``catalogue_service`` (a ``ray_train.streaming.CatalogueService``, streamed catalogue): every
+    block also gets the clicked items' features and ``log_q`` (``positive_columns``), looked up
+    from the catalogue's shard actors by a Ray Data map stage (``JoinPositives``) before the
+    block order is randomized, so the workers never hold the catalogue."""
     import ray.data
     from ray.data import RandomSeedConfig
 
@@ -269,6 +348,10 @@ def read_train_dataset(
     else:
         ds = ds.select_columns(columns)
     ds = ds.repartition(target_num_rows_per_block=BLOCK_BATCHES * batch_size)
+    if catalogue_service is not None:
+        from ray_train.streaming import JoinPositives
+
+        ds = ds.map_batches(JoinPositives(catalogue_service), batch_format="pyarrow", batch_size=None)
     if materialize:
         ds = ds.materialize()
     return ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
@@ -315,13 +398,14 @@ def iter_train_batches(
     batch_size: int,
     shuffle_seed: int,
     prefetch_chunks: int = 2,
+    positives: bool = False,
 ) -> Iterator[TrainBatch]:
     """Full batches of one epoch from a worker's dataset shard (``ray.train.get_dataset_shard``):
     ``rows // batch_size`` of them, the remainder dropped. Ray Data delivers shuffled, collated
     chunks of ``CHUNK_BATCHES`` batches (prefetched in its threads), cut here into batches."""
     chunks = shard.iter_torch_batches(
         batch_size=CHUNK_BATCHES * batch_size,
-        collate_fn=RaggedCollate(specs),
+        collate_fn=RaggedCollate(specs, positives),
         drop_last=False,  # only the last chunk can be short; its full batches are kept below
         local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * batch_size,
         local_shuffle_seed=shuffle_seed,
@@ -415,6 +499,12 @@ def derive_seed(*parts: int) -> int:
 def epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     """The generator for SSL item sampling and view masks of one (seed, epoch, rank)."""
     return torch.Generator().manual_seed(derive_seed(seed, epoch, rank, 1))
+
+
+def sampling_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The generator of the streamed catalogue's SSL item draws of one (seed, epoch, rank)
+    (``ray_train.streaming.UniformItemStream``); the view masks keep ``epoch_generator``."""
+    return torch.Generator().manual_seed(derive_seed(seed, epoch, rank, 3))
 
 
 def shuffle_seed(seed: int, epoch: int, rank: int) -> int:

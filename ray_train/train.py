@@ -23,6 +23,12 @@ checkpoints, history and the final model are written there by workers and the dr
 A fresh run gets a fresh name (``<time>-<ssl.method>-<random>``): Ray Train resumes silently
 whenever ``RunConfig(name, storage_path)`` matches an earlier run, so names are never reused by
 accident; ``--resume RUN_DIR`` reuses one on purpose (its ``config.json``, plus any ``--set``).
+
+Item catalogue (``train.catalogue``, ``catalogue_plan``): ``replicated`` loads it whole into every
+worker; ``streaming`` starts its shard actors (``ray_train/streaming.py``) before the trainer,
+denormalises the positives into the train Dataset and hands the workers the service; ``auto``
+streams when the replicated catalogue, estimated from the Parquet footers, would exceed
+``ray_train.streaming.REPLICATE_MAX_BYTES`` per worker. The shards are stopped when ``fit`` returns.
 """
 
 from __future__ import annotations
@@ -162,12 +168,33 @@ def train_data_config() -> Any:
     return DataConfig(execution_options=options)
 
 
-def train_dataset(cfg: Config, manifest: dict[str, Any], specs: list) -> Any:
-    """The train log as a Ray Dataset; materialized in the object store when it is small enough."""
+def catalogue_plan(cfg: Config, manifest: dict[str, Any], specs: list) -> tuple[str, int, int]:
+    """``(mode, items, replicated bytes per worker)`` for ``train.catalogue``; the size is
+    estimated from the Parquet footers of ``items/`` (nothing is read)."""
+    from ray_train.streaming import REPLICATE_MAX_BYTES, choose_catalogue_mode, estimate_replicated_bytes
+
+    items, nbytes = estimate_replicated_bytes(table_uri(cfg.paths.prepared, manifest, "items"), specs)
+    mode = choose_catalogue_mode(cfg.train.catalogue, nbytes)
+    print(
+        f"[train] catalogue: {items:,} items, {nbytes / 2**20:,.1f} MiB per worker if replicated "
+        f"(auto streams above {REPLICATE_MAX_BYTES / 2**20:,.0f} MiB); train.catalogue="
+        f"{cfg.train.catalogue} -> {mode}",
+        flush=True,
+    )
+    return mode, items, nbytes
+
+
+def train_dataset(cfg: Config, manifest: dict[str, Any], specs: list, catalogue_service: Any = None,
+                  item_row_bytes: float = 0.0) -> Any:
+    """The train log as a Ray Dataset; materialized in the object store when it is small enough.
+    With ``catalogue_service`` (streamed catalogue) every row also carries its clicked item's
+    features (about ``item_row_bytes`` more per row)."""
     import ray
 
     prepared = cfg.paths.prepared
     size = parquet_uncompressed_bytes(table_uri(prepared, manifest, "train"), train_columns(specs))
+    if catalogue_service is not None:
+        size += int(item_row_bytes * _train_rows(manifest))
     store = ray.cluster_resources().get("object_store_memory", 0.0)
     materialize = should_materialize(size, store)
     need = math.ceil(cfg.train.num_workers * cfg.train.cpus_per_worker)
@@ -189,20 +216,44 @@ def train_dataset(cfg: Config, manifest: dict[str, Any], specs: list) -> Any:
         flush=True,
     )
     return read_train_dataset(
-        prepared, manifest, specs, cfg.train.seed, cfg.train.batch_size, materialize, cfg.train.data_fraction
+        prepared, manifest, specs, cfg.train.seed, cfg.train.batch_size, materialize, cfg.train.data_fraction,
+        catalogue_service,
     )
 
 
 def fit(cfg: Config, run_dir: str) -> Any:
-    """Run the TorchTrainer; returns the Ray ``Result``."""
+    """Run the TorchTrainer; returns the Ray ``Result``. A streamed catalogue's shard actors live
+    for the duration of the call."""
+    prepared = cfg.paths.prepared
+    manifest = read_manifest(prepared)
+    specs = specs_from_manifest(manifest)
+    mode, items, nbytes = catalogue_plan(cfg, manifest, specs)
+    if mode == "replicated":
+        return _fit(cfg, run_dir, manifest, specs, None, 0.0)
+    from ray_train.streaming import start_service
+
+    service = start_service(
+        table_uri(prepared, manifest, "items"), table_uri(prepared, manifest, "item_popularity"), specs, nbytes, items
+    )
+    try:
+        held = service.nbytes()
+        print(
+            f"[train] streamed catalogue: {len(service.shards)} shard actors, {service.num_items:,} items, "
+            f"{held / 2**20:,.1f} MiB in all",
+            flush=True,
+        )
+        return _fit(cfg, run_dir, manifest, specs, service, held / max(service.num_items, 1))
+    finally:
+        service.shutdown()
+
+
+def _fit(cfg: Config, run_dir: str, manifest: dict[str, Any], specs: list, service: Any, item_row_bytes: float) -> Any:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     tc = cfg.train
     prepared = cfg.paths.prepared
-    manifest = read_manifest(prepared)
-    specs = specs_from_manifest(manifest)
-    dataset = train_dataset(cfg, manifest, specs)
+    dataset = train_dataset(cfg, manifest, specs, service, item_row_bytes)
     # A down-sample's size is known only by counting it (free once materialized).
     num_rows = _train_rows(manifest) if tc.data_fraction == 1.0 else dataset.count()
     steps = steps_per_epoch(num_rows, tc.num_workers, tc.batch_size)
@@ -216,7 +267,10 @@ def fit(cfg: Config, run_dir: str) -> Any:
     resources = {"CPU": tc.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "prepared": prepared, "run_dir": run_dir, "steps_per_epoch": steps},
+        train_loop_config={
+            "cfg": cfg, "prepared": prepared, "run_dir": run_dir, "steps_per_epoch": steps,
+            "catalogue_service": service,
+        },
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=os.path.basename(run_dir),

@@ -12,6 +12,13 @@ Per step (``B = train.batch_size`` rows of this rank's shard of ``train/``):
    catalogue (``Catalogue.sample_uniform``) with this rank's generator;
 3. ``loss = L_main + ssl.alpha * L_ssl`` from ``common.task.TwoTowerTask``; backward; Adam step.
 
+That is the replicated catalogue (``train.catalogue: replicated``, loaded whole by every worker).
+With the streamed one (``streaming``, ``ray_train/streaming.py``; config key ``catalogue_service``
+set by the driver) the worker never holds the catalogue: step 1's item features and ``log_q``
+arrive in the batch (denormalised by Ray Data), and step 2's items come from a
+``UniformItemStream`` over the shard actors, drawn with a second generator seeded per
+(seed, epoch, rank) (``sampling_generator``); the view masks keep ``epoch_generator``.
+
 Distributed details:
 
 * DDP averages gradients over ranks; every loss is a per-rank mean (``common.losses``), so the
@@ -69,6 +76,7 @@ from common.catalogue import Catalogue
 from common.config import Config
 from common.features import specs_from_manifest
 from common.manifest import read_manifest
+from common.ragged import FeatureBatch
 from common.task import TwoTowerTask
 from ray_train.data import (
     TrainBatch,
@@ -77,6 +85,7 @@ from ray_train.data import (
     load_catalogue,
     load_log_q,
     load_mutual_info,
+    sampling_generator,
     shuffle_seed,
 )
 
@@ -125,23 +134,35 @@ def make_gather(world_size: int) -> Callable[[Tensor], Tensor]:
 def forward_losses(
     model: torch.nn.Module,
     batch: TrainBatch,
-    catalogue: Catalogue,
-    log_q_table: Tensor,
+    catalogue: Optional[Catalogue],
+    log_q_table: Optional[Tensor],
     cfg: Config,
     generator: torch.Generator,
     gather: Optional[Callable[[Tensor], Tensor]] = None,
     rank: int = 0,
+    ssl_items: Optional[FeatureBatch] = None,
 ) -> dict[str, Tensor]:
-    """One step's losses ``{"loss", "main", "ssl"}``: the clicked items' features and ``log_q``
-    from the catalogue, plus (contrastive SSL methods) ``ssl.batch_size`` items drawn uniformly
-    from the whole catalogue with ``generator``."""
-    pos_feats = catalogue.lookup(batch.item_index)
-    log_q = log_q_table[batch.item_index] if cfg.train.logq_correction else None
-    ssl_feats = (
-        catalogue.lookup(catalogue.sample_uniform(cfg.ssl.batch_size, generator))
-        if cfg.ssl.uses_contrastive_task
-        else None
-    )
+    """One step's losses ``{"loss", "main", "ssl"}``.
+
+    Replicated catalogue (``batch.item`` is None): the clicked items' features and ``log_q`` from
+    ``catalogue`` / ``log_q_table``, plus (contrastive SSL methods) ``ssl.batch_size`` items drawn
+    uniformly from the whole catalogue with ``generator``. Streamed catalogue: the clicked items'
+    features and ``log_q`` come with the batch and the SSL items are ``ssl_items`` (drawn by a
+    ``UniformItemStream``); ``catalogue`` and ``log_q_table`` are unused (None)."""
+    if batch.item is not None:
+        pos_feats = batch.item
+        log_q = batch.log_q if cfg.train.logq_correction else None
+    else:
+        assert catalogue is not None and log_q_table is not None, "replicated path needs the catalogue"
+        pos_feats = catalogue.lookup(batch.item_index)
+        log_q = log_q_table[batch.item_index] if cfg.train.logq_correction else None
+    ssl_feats = None
+    if cfg.ssl.uses_contrastive_task:
+        if ssl_items is not None:
+            ssl_feats = ssl_items
+        else:
+            assert catalogue is not None, "the streamed catalogue passes its SSL items as ssl_items"
+            ssl_feats = catalogue.lookup(catalogue.sample_uniform(cfg.ssl.batch_size, generator))
     return model(batch.user, pos_feats, batch.item_index, log_q, ssl_feats, generator, gather, rank)
 
 
@@ -249,8 +270,10 @@ def _mean_over_ranks(values: list[float], world: int) -> list[float]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     """Ray Train entry point. ``config``: ``cfg`` (the typed ``Config``), ``prepared`` and
-    ``run_dir`` (absolute), ``steps_per_epoch`` (per rank). Returns (rank 0) ``None`` after a
-    normal run, or ``{"nonfinite": {...}}`` when a loss went non-finite."""
+    ``run_dir`` (absolute), ``steps_per_epoch`` (per rank), ``catalogue_service`` (a
+    ``ray_train.streaming.CatalogueService``: the streamed catalogue; None: replicated).
+    Returns (rank 0) ``None`` after a normal run, or ``{"nonfinite": {...}}`` when a loss went
+    non-finite."""
     import ray.train
     import ray.train.torch
 
@@ -258,6 +281,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     prepared: str = config["prepared"]
     run_dir: str = config["run_dir"]
     steps: int = int(config["steps_per_epoch"])
+    service = config["catalogue_service"]  # None: the replicated catalogue
+    streaming = service is not None
     tc = cfg.train
 
     ctx = ray.train.get_context()
@@ -268,9 +293,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     # ---- inputs: the catalogue, log_q by item_index, mutual information -------------------
     manifest = read_manifest(prepared)
     specs = specs_from_manifest(manifest)
-    catalogue = load_catalogue(prepared, manifest, specs)
-    log_q_table = load_log_q(prepared, manifest, catalogue).to(device)
-    catalogue = catalogue.to(device)
+    catalogue: Optional[Catalogue] = None
+    log_q_table: Optional[Tensor] = None
+    if not streaming:  # replicated: the whole catalogue in this worker
+        catalogue = load_catalogue(prepared, manifest, specs)
+        log_q_table = load_log_q(prepared, manifest, catalogue).to(device)
+        catalogue = catalogue.to(device)
     mutual_info = load_mutual_info(prepared, manifest)
 
     # ---- model: identical initialisation on every rank ---------------------------------------
@@ -285,7 +313,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     resumed_from = {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch} if checkpoint else None
     write_json(
         os.path.join(run_dir, "workers", f"rank{rank}.json"),
-        {"pid": os.getpid(), "rank": rank, "attempt": state.attempt, "resumed_from": resumed_from},
+        {"pid": os.getpid(), "rank": rank, "attempt": state.attempt, "resumed_from": resumed_from,
+         "catalogue": "streaming" if streaming else "replicated"},
     )
 
     model = ray.train.torch.prepare_model(task)  # to device; DDP when world > 1
@@ -306,17 +335,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> Optional[dict[str, Any]]:
         skip = state.step_in_epoch
         if skip and gen_state is not None:
             generator.set_state(gen_state)
+        ssl_stream = None
+        if streaming and cfg.ssl.uses_contrastive_task:
+            from ray_train.streaming import UniformItemStream
+
+            ssl_stream = UniformItemStream(
+                service, specs, cfg.ssl.batch_size, sampling_generator(tc.seed, epoch, rank), start_batch=skip
+            )
         model.train()
         sums = torch.zeros(3, dtype=torch.float64)  # loss, main, ssl
         trained = 0
         seen = 0
         t0 = time.perf_counter()
-        for batch in iter_train_batches(shard, specs, tc.batch_size, shuffle_seed(tc.seed, epoch, rank)):
+        batches = iter_train_batches(
+            shard, specs, tc.batch_size, shuffle_seed(tc.seed, epoch, rank), positives=streaming
+        )
+        for batch in batches:
             seen += 1
             if seen <= skip:
                 continue  # already trained on before the restart (mid-epoch checkpoint)
+            ssl_items = None
+            if ssl_stream is not None:
+                ssl_items = {k: v.to(device) for k, v in next(ssl_stream).items()}
             with autocast:
-                out = forward_losses(model, batch.to(device), catalogue, log_q_table, cfg, generator, gather, rank)
+                out = forward_losses(
+                    model, batch.to(device), catalogue, log_q_table, cfg, generator, gather, rank, ssl_items
+                )
             bad = check_finite(out, rank, world)
             if bad is not None:
                 return {

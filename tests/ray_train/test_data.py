@@ -264,3 +264,55 @@ def test_equal_batch_counts_per_rank_through_ray_data(tmp_path, ray_cluster, mat
         else:
             os.environ["RAY_AUTH_MODE"] = old_mode
         _RayConfig.initialize("")
+
+
+def test_data_fraction_sample_is_deterministic_nested_and_about_the_fraction():
+    from ray_train.data import _KeepFraction, sample_unit
+
+    rng = np.random.default_rng(3)
+    n = 20_000
+    users, items = rng.integers(2, 500, n), rng.integers(2, 3000, n)
+    ts = rng.integers(800_000_000, 900_000_000, n)
+    u = sample_unit(users, items, ts)
+    assert u.dtype == np.float64 and (u >= 0).all() and (u < 1).all()
+    assert np.array_equal(u, sample_unit(users.copy(), items.copy(), ts.copy()))  # no hidden state
+    perm = rng.permutation(n)
+    assert np.array_equal(u[perm], sample_unit(users[perm], items[perm], ts[perm]))  # row order is irrelevant
+    for f in (0.1, 0.5):
+        kept = int((u < f).sum())
+        assert abs(kept - f * n) < 5 * np.sqrt(n * f * (1 - f)), (f, kept)  # binomial, 5 sigma
+    assert ((u < 0.1) <= (u < 0.5)).all()  # the 10% sample is inside the 50% one
+    # The same event keeps its decision whatever else is in the batch.
+    table = pa.table({"user_index": pa.array(users, pa.int32()), "item_index": pa.array(items, pa.int32()),
+                      "timestamp": pa.array(ts, pa.int64()), "history": pa.array([[1]] * n, pa.list_(pa.int32()))})
+    out = _KeepFraction(0.5, ["item_index", "history"])(table)
+    assert out.column_names == ["item_index", "history"] and out.num_rows == int((u < 0.5).sum())
+    assert out.column("item_index").to_numpy().tolist() == items[u < 0.5].tolist()
+
+
+def test_collate_with_denormalised_positives_slices_and_names_missing_columns():
+    """Streamed catalogue: the item columns ``pos__*`` become ``TrainBatch.item`` / ``log_q``,
+    and slicing a collated chunk equals collating the slice."""
+    from ray_train.data import positive_columns
+
+    specs = USER_SPECS + [FeatureSpec("tags", "item", "multi", True, "f_tags", 9)]
+    rng = np.random.default_rng(6)
+    table = random_train_table(rng, 23)
+    table = table.append_column("pos__f_tags", pa.array(random_lists(rng, 23, 3), pa.list_(pa.int32())))
+    table = table.append_column("pos__log_q", pa.array(-rng.random(23), pa.float32()))
+    assert positive_columns(specs) == ["pos__f_tags", "pos__log_q"]
+    whole = collate_table(table, specs, positives=True)
+    assert whole.item["item_id"].tolist() == table.column("item_index").to_pylist()
+    assert whole.item["tags"].tolist() == table.column("pos__f_tags").to_pylist()
+    assert whole.log_q.dtype == torch.float32
+    assert whole.log_q.tolist() == table.column("pos__log_q").to_pylist()
+    assert collate_table(table, specs).item is None  # the replicated path's batches are unchanged
+    for start, length in [(0, 10), (10, 13), (22, 1)]:
+        part, ref = whole.slice(start, length), collate_table(table.slice(start, length), specs, positives=True)
+        assert part.item["tags"].tolist() == ref.item["tags"].tolist()
+        assert part.item["tags"].offsets.tolist() == ref.item["tags"].offsets.tolist()
+        assert part.log_q.tolist() == ref.log_q.tolist()
+    moved = whole.to("cpu")
+    assert moved.item["tags"].tolist() == whole.item["tags"].tolist() and moved.log_q is not None
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['pos__log_q'\]"):
+        collate_table(table.drop_columns(["pos__log_q"]), specs, positives=True)

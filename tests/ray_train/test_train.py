@@ -250,6 +250,33 @@ def test_two_workers_survive_a_killed_worker_reduce_loss_and_beat_mostpop(prepar
     assert "[train] epoch   1" in out  # driver-side progress, one line per epoch
 
 
+@pytest.mark.cluster
+def test_streamed_catalogue_trains_two_workers_and_writes_metrics(prepared_dir, ray_cluster, tmp_path):
+    """train.catalogue=streaming: no worker holds the catalogue (positives denormalised by Ray Data,
+    SSL items from the shard actors), and the run still learns and is evaluated."""
+    from common.manifest import read_manifest
+
+    runs = tmp_path / "runs"
+    epochs = 3
+    rc, out = run_train(ray_cluster, train_args(
+        prepared_dir, runs, "ssl.method=cfm", "ssl.alpha=0.3", "train.num_workers=2", f"train.epochs={epochs}",
+        "train.lr=0.01", "train.catalogue=streaming", run_name="streamed",
+    ), tmp_path / "streamed.log")
+    assert rc == 0, out[-6000:]
+    assert "train.catalogue=streaming -> streaming" in out
+    assert "[train] streamed catalogue: 2 shard actors" in out
+    run_dir = runs / "streamed"
+    for rank in (0, 1):
+        assert read_json(run_dir / "workers" / f"rank{rank}.json")["catalogue"] == "streaming"
+    history = read_json(run_dir / "history.json")
+    steps = read_manifest(prepared_dir)["counts"]["train"] // 2 // 64
+    assert [h["global_step"] for h in history] == [steps * (e + 1) for e in range(epochs)], history
+    assert history[0]["ssl"] > 0  # the SSL task ran on streamed items
+    assert history[-1]["main"] < history[0]["main"] - 0.1, history
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["recall@50"] > metrics["mostpop"]["recall@50"], metrics
+
+
 @pytest.fixture(scope="module")
 def job_run(prepared_dir, ray_cluster, tmp_path_factory):
     """A one-worker run submitted with `ray job submit` (working dir uploaded, data outside it)."""
