@@ -68,7 +68,6 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
@@ -366,20 +365,22 @@ MATERIALIZE_FRACTION = 0.25
 def parquet_uncompressed_bytes(uri: str, columns: list[str]) -> int:
     """Uncompressed bytes of ``columns`` over all files of a Parquet table, from the file footers
     only (no data read): an estimate of its in-memory Arrow size."""
+    wanted = set(columns)
+    return sum(chunk.total_uncompressed_size for name, chunk in parquet_column_chunks(uri) if name in wanted)
+
+
+def parquet_column_chunks(uri: str) -> Iterator[tuple[str, Any]]:
+    """``(top-level column name, ColumnChunkMetaData)`` of every column chunk of every row group
+    of every file of a Parquet table, from the footers only."""
     import pyarrow.dataset as pads
 
-    dataset = pads.dataset(uri, format="parquet")
-    wanted = set(columns)
-    total = 0
-    for fragment in dataset.get_fragments():
+    for fragment in pads.dataset(uri, format="parquet").get_fragments():
         meta = fragment.metadata
         for g in range(meta.num_row_groups):
             rg = meta.row_group(g)
             for c in range(rg.num_columns):
                 col = rg.column(c)
-                if col.path_in_schema.split(".")[0] in wanted:
-                    total += col.total_uncompressed_size
-    return total
+                yield col.path_in_schema.split(".")[0], col
 
 
 def should_materialize(table_bytes: int, object_store_bytes: float) -> bool:

@@ -405,7 +405,7 @@ def build_report(exp_dir: str, plots_dir: Optional[str] = None, link_dir: str = 
         plot_losses(sub, methods, os.path.join(plots, f"losses_{tag}.png"))
         sections += [
             f"## Training data fraction {fraction:g}", "",
-            f"### Overall (mean ± std over seeds, change vs baseline)", "",
+            "### Overall (mean ± std over seeds, change vs baseline)", "",
             metric_table(sub, methods, [(k, None) for k in OVERALL_KEYS], [k.replace("recall", "Recall").replace("ndcg", "NDCG") for k in OVERALL_KEYS]),
             "",
             "### Head, tail and cold items (Recall)", "",

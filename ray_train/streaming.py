@@ -57,7 +57,13 @@ import torch
 from common.catalogue import int64_numpy
 from common.features import FIRST_INDEX, ITEM_ID, FeatureSpec, side
 from common.ragged import FeatureBatch
-from ray_train.data import CHUNK_BATCHES, POSITIVE_PREFIX, item_features_from_table, slice_features
+from ray_train.data import (
+    CHUNK_BATCHES,
+    POSITIVE_PREFIX,
+    item_features_from_table,
+    parquet_column_chunks,
+    slice_features,
+)
 
 # ``train.catalogue: auto`` streams when a replicated catalogue would take more than this per
 # train worker (about 13M items of the default synthetic schema, 83 bytes each).
@@ -89,17 +95,8 @@ def estimate_replicated_bytes(items_uri: str, specs: list[FeatureSpec]) -> tuple
     item_specs = side(specs, "item")
     multi = {s.column for s in item_specs if s.multi}
     singles = sum(1 for s in item_specs if not s.multi)
-    dataset = pads.dataset(items_uri, format="parquet")
-    rows = values = 0
-    for fragment in dataset.get_fragments():
-        meta = fragment.metadata
-        rows += meta.num_rows
-        for g in range(meta.num_row_groups):
-            rg = meta.row_group(g)
-            for c in range(rg.num_columns):
-                col = rg.column(c)
-                if col.path_in_schema.split(".")[0] in multi:
-                    values += col.num_values
+    rows = pads.dataset(items_uri, format="parquet").count_rows()  # footers only
+    values = sum(chunk.num_values for name, chunk in parquet_column_chunks(items_uri) if name in multi)
     row_space = rows + FIRST_INDEX
     total = 8 * rows + 8 * row_space * (singles + len(multi)) + 8 * values + 4 * row_space
     return rows, total

@@ -5,6 +5,8 @@ a timeout and always stopped."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,26 @@ def ray_cluster():
         yield cluster
     finally:
         cluster.stop()
+
+
+@contextlib.contextmanager
+def driver_of(cluster):
+    """This process as a Ray driver of ``cluster`` for the duration of the block. The test
+    cluster uses token authentication: a driver given an explicit address must be told (env), and
+    Ray caches its config at import, so refresh it as Ray's own auto-enable does."""
+    import ray
+    from ray._raylet import Config as _RayConfig
+
+    old_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    _RayConfig.initialize("")
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if old_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = old_mode
+        _RayConfig.initialize("")

@@ -3,7 +3,6 @@ rows), the loaders' checks, seeds, and equal batch counts per rank through Ray D
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +25,7 @@ from ray_train.data import (
     steps_per_epoch,
     train_columns,
 )
+from tests.ray_train.conftest import driver_of
 
 
 def random_lists(rng: np.random.Generator, n: int, max_len: int = 5) -> list[list[int]]:
@@ -199,8 +199,6 @@ def test_equal_batch_counts_per_rank_through_ray_data(tmp_path, ray_cluster, mat
     each gets exactly steps_per_epoch full batches per epoch, and no row twice."""
     import threading
 
-    import ray
-
     from ray_train.data import read_train_dataset
 
     rng = np.random.default_rng(0)
@@ -212,15 +210,7 @@ def test_equal_batch_counts_per_rank_through_ray_data(tmp_path, ray_cluster, mat
     for i, (a, b) in enumerate([(0, 100), (100, 611), (611, 650), (650, 1037)]):  # uneven files
         pq.write_table(table.slice(a, b - a), folder / f"part-{i}.parquet")
 
-    # The test cluster uses token authentication; a driver given an explicit address must be told
-    # (env), and Ray caches its config at import, so refresh it as Ray's own auto-enable does.
-    from ray._raylet import Config as _RayConfig
-
-    old_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
-    _RayConfig.initialize("")
-    ray.init(address=ray_cluster.address, log_to_driver=False)
-    try:
+    with driver_of(ray_cluster):
         specs = USER_SPECS
         # Blocks of 8 x 64 rows, block order reshuffled per epoch.
         ds = read_train_dataset(str(tmp_path), {}, specs, seed=0, batch_size=64, materialize=materialize)
@@ -257,13 +247,6 @@ def test_equal_batch_counts_per_rank_through_ray_data(tmp_path, ray_cluster, mat
             both = seen[(0, epoch)] + seen[(1, epoch)]
             assert len(set(both)) == len(both)  # a row goes to one rank only
         assert seen[(0, 0)] != seen[(0, 1)]  # a new order every epoch
-    finally:
-        ray.shutdown()
-        if old_mode is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = old_mode
-        _RayConfig.initialize("")
 
 
 def test_data_fraction_sample_is_deterministic_nested_and_about_the_fraction():

@@ -4,7 +4,6 @@ the session's local Ray cluster, its report, and resume (finished trials are not
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

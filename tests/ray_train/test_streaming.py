@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +19,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from common.catalogue import Catalogue
 from common.features import FeatureSpec
 from common.ragged import Ragged
 from ray_train.data import (
@@ -43,6 +41,7 @@ from ray_train.streaming import (
     estimate_replicated_bytes,
     plan_shards,
 )
+from tests.ray_train.conftest import driver_of
 
 SPECS = [
     FeatureSpec("item_id", "item", "id", False, "item_index", 160),
@@ -105,24 +104,9 @@ def test_estimate_equals_the_replicated_bytes_and_the_mode_follows_the_threshold
 
 @pytest.fixture(scope="module")
 def ray_client(ray_cluster):
-    """This process as a driver of the session's test cluster (token authentication: a driver
-    given an explicit address must be told, and Ray caches its config at import)."""
-    import ray
-    from ray._raylet import Config as _RayConfig
-
-    old_mode = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
-    _RayConfig.initialize("")
-    ray.init(address=ray_cluster.address, log_to_driver=False)
-    try:
+    """This process as a driver of the session's test cluster."""
+    with driver_of(ray_cluster) as ray:
         yield ray
-    finally:
-        ray.shutdown()
-        if old_mode is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = old_mode
-        _RayConfig.initialize("")
 
 
 @pytest.fixture(scope="module")
