@@ -7,10 +7,12 @@ One generated table (numpy -> one Parquet file with several row groups, in a tem
 implementations of the same estimator (plug-in MI in nats, multi-valued weights split evenly over
 the cross product of value sets, empty set -> value 0; see ``spark_jobs/mutual_info.py``):
 
-1. ``single-pass``: ``spark_jobs.mutual_info.pairwise_mutual_info`` as ``run`` calls it, with
-   ``feature_stats`` (timed too): blocks of low-cardinality features + radix-partitioned
-   high-cardinality pairs, every pair in one Spark job. ``single-pass-plain`` (``--no-plain`` to
-   skip) is the same function without stats: one explode, one map-side aggregation;
+1. ``single-pass``: ``spark_jobs.mutual_info.pairwise_mutual_info`` as ``run`` calls it (Arrow
+   engine: one scan, each partition counted with numpy in ``mapInArrow``, partial counts merged per
+   pair by a grouped Arrow function; every pair in one Spark job). ``single-pass-sql``
+   (``--no-sql`` to skip) is the built-in-only engine with ``feature_stats`` (timed too), the plan
+   ``run`` used before: blocks of low-cardinality features + radix-partitioned high-cardinality
+   pairs;
 2. ``per-pair``: the obvious Spark loop: for each pair a ``groupBy(a, b)`` over the Parquet file
    (plus one ``groupBy(a)`` per feature for the marginals), reduced to (sum n, sum n ln n, cells)
    in Spark and collected; MI assembled on the driver. Not a straw man: nothing large is collected;
@@ -140,13 +142,13 @@ def assemble(feats: Features, ent: dict[tuple, tuple[float, int]]) -> dict[tuple
 # ---------------------------------------------------------------------------------------------
 
 
-def single_pass(spark, path: str, feats: Features, use_stats: bool = True) -> dict:
+def single_pass(spark, path: str, feats: Features, engine: str = "arrow") -> dict:
     from spark_jobs.mutual_info import feature_stats, pairwise_mutual_info
 
     items = spark.read.parquet(path)
-    # As spark_jobs.mutual_info.run does: the (cheap) stats job is part of the timed work.
-    stats = feature_stats(items, feats) if use_stats else None
-    rows = pairwise_mutual_info(items, feats, stats=stats).collect()
+    # As spark_jobs.mutual_info.run calls it; the SQL engine's plan needs the stats job (timed).
+    stats = feature_stats(items, feats) if engine == "sql" else None
+    rows = pairwise_mutual_info(items, feats, stats=stats, engine=engine).collect()
     return {(r["feature_a"], r["feature_b"]): (r["mi"], r["nmi"]) for r in rows}
 
 
@@ -288,7 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--driver-memory", default="3g")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-per-pair", action="store_true", help="do not time the per-pair baseline")
-    ap.add_argument("--no-plain", action="store_true", help="do not time single-pass without stats")
+    ap.add_argument("--no-sql", action="store_true", help="do not time the built-in-only (SQL) engine")
     args = ap.parse_args(argv)
     if args.features < 2 or not 0 <= args.multi < args.features:
         raise SystemExit("need --features >= 2 and 0 <= --multi < --features")
@@ -335,12 +337,12 @@ def main(argv=None) -> int:
         results, timings = {}, {}
         runs = [
             ("single-pass", lambda: single_pass(spark, path, feats)),
-            ("single-pass-plain", lambda: single_pass(spark, path, feats, use_stats=False)),
+            ("single-pass-sql", lambda: single_pass(spark, path, feats, engine="sql")),
             ("per-pair", lambda: per_pair(spark, path, feats)),
             ("duckdb", lambda: duck(con, path, feats)),
         ]
         for name, fn in runs:
-            if (name == "per-pair" and args.skip_per_pair) or (name == "single-pass-plain" and args.no_plain):
+            if (name == "per-pair" and args.skip_per_pair) or (name == "single-pass-sql" and args.no_sql):
                 continue
             med, times, res = timed(fn, args.repeats)
             results[name], timings[name] = res, med

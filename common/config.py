@@ -265,6 +265,9 @@ class PrepareConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     # Population over which feature mutual information is measured.
     mi_population: Literal["catalogue", "train_events"] = "catalogue"
+    # How the MI job counts: a vectorised Arrow function per partition (executors need numpy and
+    # pyarrow), or Spark built-ins only (slower).
+    mi_engine: Literal["arrow", "sql"] = "arrow"
     # Sampling probability given to catalogue items with no train events, as a fraction of one
     # event: p_floor = popularity_floor_events / total_train_events.
     popularity_floor_events: float = 0.5

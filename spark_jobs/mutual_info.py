@@ -22,39 +22,49 @@ Degenerate cases, as sklearn defines them: a feature with a single value in the 
 H = 0 and MI = 0 with anything; NMI is 1.0 when both features of a pair are constant
 (H(A) + H(B) = 0: "both labellings agree perfectly") and 0.0 when only one is (MI = 0).
 
-All pairs in one Spark job, not one per pair. Every (pair, a, b) cell and every marginal
-(feature, a) value is packed into one ``long`` key ``id << S | fields`` (id = pair number, or
-P + feature number for a marginal); the number of keys per row is constant, so is the number of
-Spark jobs. Then ``n * ln(n)`` per cell and ``groupBy(id)``: ``S = sum n``, ``T = sum n ln n`` and
-the number of cells give ``H = ln S - T / S`` per pair (joint) and per feature (marginal), a few
-dozen rows, gathered into one map from which one row per pair is emitted, MI = H(A) + H(B) - H(A,B).
-Multi-valued sets are expanded with ``posexplode`` (no higher-order functions, everything
-codegen'd); a pair's key is emitted only from the expansion rows of the sets it involves.
+All pairs in one Spark job, not one per pair: every pair joint ``(pair, a, b)`` and every marginal
+``(feature, a)`` is an "item" (id = pair number, or P + feature number for a marginal) whose cells
+are counted in the same pass; per item, ``S = sum n``, ``T = sum n ln n`` and the number of cells
+give ``H = ln S - T / S``, a few dozen rows gathered into one map from which one row per pair is
+emitted, MI = H(A) + H(B) - H(A,B). Two engines, the same numbers (tests check both against
+sklearn):
 
-Two execution plans, the same numbers (tests check both against sklearn):
+* ``engine="arrow"`` (the default, what ``run`` uses; no stats job, one scan of the input): each
+  partition's rows reach a ``mapInArrow`` function as Arrow batches and are counted with numpy, all
+  pairs of a chunk of rows in one pass: per pair a combined joint code ``a * |B| + b`` and one
+  ``np.bincount`` when the joint space is small against the chunk, else one sort of ``a << 32 | b``
+  and run lengths. Each partition emits, per item, its sorted distinct cells and their weights as
+  two binary blobs (one row per item, not one per cell); ``groupBy(id).applyInArrow`` merges the
+  partitions' partial counts (a linear merge of sorted runs) and returns ``(id, cells, h)``. This is
+  a Python function although built-ins exist, on purpose: profiling the SQL engine showed the time
+  is Spark's aggregation hash map (see below), ~36 updates per row for 8 features, against ~1-3 ns
+  per row per pair for a bincount. Multi-valued sets are de-duplicated (empty -> ``[0]``) and
+  expanded per pair with ``np.repeat`` (the cross product when both features are multi-valued).
+  Indices must be integers in ``[0, 2^31)`` (or below the ``FeatureStats`` cardinalities when
+  given); a null, negative or too large index fails the job with a message naming the column.
+* ``engine="sql"`` (built-in functions only): every cell is packed into one ``long`` key
+  ``id << S | fields``; the number of keys per row is constant, so is the number of Spark jobs.
+  Then ``n * ln(n)`` per cell and ``groupBy(id)``. Multi-valued sets are expanded with
+  ``posexplode`` (no higher-order functions, everything codegen'd); a pair's key is emitted only
+  from the expansion rows of the sets it involves. Two plans:
 
-* without ``FeatureStats`` (the literal single pass): one scan, one ``explode`` of all keys, one
-  ``groupBy(key)`` with map-side partial aggregation, one large shuffle.
-* with ``FeatureStats`` (``feature_stats``: max index + 1 per feature and the row count, one cheap
-  aggregation job; what ``run`` uses): profiling showed the cost is the hash map, ~10-30 ns per
-  update while it holds up to ~10^5 keys, ~250 ns at 10^6 and ~1 us at 10^7 (Spark 4.3,
-  local[2]), and in the plan above every low-cardinality update pays the price of the
-  high-cardinality cells sharing its map. So:
+  - without ``FeatureStats`` (the literal single pass): one scan, one ``explode`` of all keys, one
+    ``groupBy(key)`` with map-side partial aggregation, one large shuffle.
+  - with ``FeatureStats`` (``feature_stats``: max index + 1 per feature and the row count, one
+    cheap aggregation job): profiling showed the cost is the hash map, ~10-30 ns per update while
+    it holds up to ~10^5 keys, ~250 ns at 10^6 and ~1 us at 10^7 (Spark 4.3, local[2]), and in the
+    plan above every low-cardinality update pays the price of the high-cardinality cells sharing
+    its map. So features whose joint value space fits in ``BLOCK_CELLS`` are counted together as
+    blocks: one key per row for the whole block (pre-aggregating identical value tuples) in a small
+    map-side map, after which each pair and marginal the block covers is derived from its (few)
+    cells by a second, tiny aggregation; pairs (and marginals) above that are "radix" aggregated:
+    ``repartition(n, key)`` with ``n`` sized so each partition's map holds ~``CELLS_PER_PARTITION``
+    cells, no map-side map (their cells are nearly unique per row). The two branches scan the
+    input once each; each pair is still counted exactly once.
 
-  - features whose joint value space fits in ``BLOCK_CELLS`` are counted together as blocks: one
-    key per row for the whole block (pre-aggregating identical value tuples) in a small map-side
-    map, after which each pair and marginal the block covers is derived from its (few) cells by a
-    second, tiny aggregation;
-  - pairs (and marginals) above that are "radix" aggregated: ``repartition(n, key)`` with ``n``
-    sized so each partition's map holds ~``CELLS_PER_PARTITION`` cells, no map-side map (their
-    cells are nearly unique per row, so partial aggregation would only cost).
-
-  The two branches scan the input once each; each pair is still counted exactly once and the
-  number of jobs does not depend on the number of pairs.
-
-Field widths: without stats every index gets ``(63 - id_bits) // 2`` bits (28 for 8 features);
-with stats, ``bits(cardinality)``. An index outside its range fails the job with an error that
-names the column, rather than colliding silently.
+  Field widths: without stats every index gets ``(63 - id_bits) // 2`` bits (28 for 8 features);
+  with stats, ``bits(cardinality)``. An index outside its range fails the job with an error that
+  names the column, rather than colliding silently.
 
     python -m spark_jobs.mutual_info --config conf/ml-100k.yaml
 """
@@ -375,17 +385,23 @@ def _unit(col, column: str, is_multi: bool, limit: int, bound: str) -> _Unit:
     return _Unit(values, rows, lens, starts)
 
 
-def _count(a, b, w):
-    """Distinct cells of ``(a, b)`` (``b`` None: of ``a``) as sorted codes and summed weights."""
+def _count(a, b, w, dense: tuple[int, int] = (DENSE_MIN_SPACE, DENSE_SPACE_PER_ROW)):
+    """Distinct cells of ``(a, b)`` (``b`` None: of ``a``) as sorted codes and summed weights.
+
+    ``w``: per-element weights, a scalar, or None (1 each). ``dense``: (min space, space per row)
+    below which the dense bincount is used.
+    """
     import numpy as np
 
     n = len(a)
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    if w is not None and np.ndim(w) == 0:
+        w = np.full(n, float(w))
     ca = int(a.max()) + 1
     cb = 1 if b is None else int(b.max()) + 1
     space = ca * cb
-    if space <= max(DENSE_MIN_SPACE, DENSE_SPACE_PER_ROW * n):
+    if space <= max(dense[0], dense[1] * n):
         code = a if b is None else a * cb + b
         c = np.bincount(code, weights=w, minlength=space)
         nz = np.flatnonzero(c)
@@ -400,7 +416,7 @@ def _count(a, b, w):
     order = np.argsort(code)
     code = code[order]
     starts = np.flatnonzero(np.concatenate([[True], code[1:] != code[:-1]]))
-    return code[starts], np.add.reduceat(np.broadcast_to(w, (n,))[order], starts)
+    return code[starts], np.add.reduceat(w[order], starts)
 
 
 def _merge(parts):
@@ -419,9 +435,11 @@ def _merge(parts):
     return codes[starts], np.add.reduceat(counts[order], starts)
 
 
-def _count_chunk(table, features: Sequence[FeatureTriple], weighted: bool, limits, bound: str):
+def _count_chunk(table, features: Sequence[FeatureTriple], weighted: bool, limits, bound: str, dense=None):
     """Partial cells of every pair (ids ``0..P-1``) and marginal (``P + k``) of one chunk."""
     import numpy as np
+
+    dense = (DENSE_MIN_SPACE, DENSE_SPACE_PER_ROW) if dense is None else dense
 
     units = [
         _unit(table.column(f"_c{k}").combine_chunks(), column, is_multi, limits[k], bound)
@@ -452,54 +470,101 @@ def _count_chunk(table, features: Sequence[FeatureTriple], weighted: bool, limit
                 pos = np.arange(len(ek), dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
                 a, b = ui.values[ek], uj.values[uj.starts[r] + pos]
                 w = (1.0 if wrow is None else wrow[r]) / (ui.lens[r] * uj.lens[r])
-            out.append(_count(a, b, w))
+            out.append(_count(a, b, w, dense))
     for u in units:
         if u.rows is None:
-            out.append(_count(u.values, None, wrow))
+            out.append(_count(u.values, None, wrow, dense))
         else:
-            out.append(_count(u.values, None, (1.0 if wrow is None else wrow[u.rows]) / u.lens[u.rows]))
+            out.append(_count(u.values, None, (1.0 if wrow is None else wrow[u.rows]) / u.lens[u.rows], dense))
     return out
 
 
 def _partition_cells(features: Sequence[FeatureTriple], weighted: bool, limits, bound: str):
-    """The ``mapInArrow`` function: Arrow batches in, ``(id, codes, counts)`` rows out."""
+    """The ``mapInArrow`` function: Arrow batches in, ``(id, codes, counts)`` rows out.
+
+    The tuning constants are read here, on the driver, and travel in the closure (so that tests
+    can shrink them); the workers' copies of the module are not consulted.
+    """
+    chunk_rows, emit_cells = ARROW_CHUNK_ROWS, EMIT_CELLS
+    dense = (DENSE_MIN_SPACE, DENSE_SPACE_PER_ROW)
 
     def cells(batches):
         import pyarrow as pa
 
-        partial: Optional[list[list]] = None
+        partial: Optional[list] = None  # per item: (sorted codes, counts) of the chunks so far
         pending, rows = [], 0
 
         def flush():
             nonlocal partial, pending, rows
             if rows:
-                got = _count_chunk(pa.Table.from_batches(pending), features, weighted, limits, bound)
-                partial = [[p] for p in got] if partial is None else [q + [p] for q, p in zip(partial, got)]
+                got = _count_chunk(pa.Table.from_batches(pending), features, weighted, limits, bound, dense)
+                partial = got if partial is None else [_merge([q, p]) for q, p in zip(partial, got)]
             pending, rows = [], 0
 
         for batch in batches:
-            if batch.num_rows:
-                pending.append(batch)
-                rows += batch.num_rows
-                if rows >= ARROW_CHUNK_ROWS:
+            for off in range(0, batch.num_rows, chunk_rows):
+                piece = batch.slice(off, chunk_rows)
+                pending.append(piece)
+                rows += piece.num_rows
+                if rows >= chunk_rows:
                     flush()
         flush()
         if partial is None:
             return
-        for item, parts in enumerate(partial):
-            codes, counts = _merge(parts)
-            for lo in range(0, len(codes), EMIT_CELLS):
-                hi = lo + EMIT_CELLS
+        for item, (codes, counts) in enumerate(partial):
+            for lo in range(0, max(1, len(codes)), emit_cells):
+                hi = lo + emit_cells
                 yield pa.RecordBatch.from_arrays(
-                    [
-                        pa.array([item], pa.int32()),
-                        pa.array([codes[lo:hi].tobytes()], pa.binary()),
-                        pa.array([counts[lo:hi].tobytes()], pa.binary()),
-                    ],
-                    names=["id", "codes", "counts"],
+                    [pa.array([item], pa.int32()), *_pack(codes[lo:hi], counts[lo:hi])], names=_CELL_COLUMNS
                 )
 
     return cells
+
+
+_CELL_COLUMNS = ["id", "width", "codes", "counts"]
+_CELL_SCHEMA = "id int, width long, codes binary, counts binary"
+
+
+def _pack(codes, counts):
+    """Cells as ``(width, codes, counts)`` Arrow arrays of one row, in as few bytes as is exact.
+
+    Most of what the job moves is the high-cardinality pairs' cells, so they travel compactly:
+    codes ``a << 32 | b`` as uint32 ``a * width + b`` when that fits (``width`` = max b + 1; 0 means
+    raw int64 codes), counts as int32 when they are all whole numbers below 2^31 (else float64).
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    width = 0
+    if len(codes):
+        hi, lo = codes >> _PACK, codes & ((1 << _PACK) - 1)
+        width = int(lo.max()) + 1
+        if (int(hi.max()) + 1) * width <= 1 << 32:
+            codes = (hi * width + lo).astype(np.uint32)
+        else:
+            width = 0
+    whole = len(counts) and counts.max() < _INDEX_LIMIT and bool(np.all(counts == np.floor(counts)))
+    if whole:
+        counts = counts.astype(np.int32)
+    return (
+        pa.array([width], pa.int64()),
+        pa.array([codes.tobytes()], pa.binary()),
+        pa.array([counts.tobytes()], pa.binary()),
+    )
+
+
+def _unpack(width: int, codes: bytes, counts: bytes):
+    """The inverse of ``_pack`` for one row: int64 codes, float64 counts."""
+    import numpy as np
+
+    if width:
+        local = np.frombuffer(codes, dtype=np.uint32).astype(np.int64)
+        c = ((local // width) << _PACK) | (local % width)
+    else:
+        c = np.frombuffer(codes, dtype=np.int64)
+    # int32 counts take 4 bytes per cell, float64 ones 8: the length tells which.
+    n = np.frombuffer(counts, dtype=np.int32 if len(c) and len(counts) == 4 * len(c) else np.float64)
+    return c, n.astype(np.float64)
 
 
 def _item_entropy(table):
@@ -508,8 +573,10 @@ def _item_entropy(table):
     import pyarrow as pa
 
     parts = [
-        (np.frombuffer(c, dtype=np.int64), np.frombuffer(n, dtype=np.float64))
-        for c, n in zip(table.column("codes").to_pylist(), table.column("counts").to_pylist())
+        _unpack(width, c, n)
+        for width, c, n in zip(
+            table.column("width").to_pylist(), table.column("codes").to_pylist(), table.column("counts").to_pylist()
+        )
     ]
     _, n = _merge(parts)
     s = float(n.sum())
@@ -788,9 +855,7 @@ def _arrow_entropies(
     proj = [F.col(column).alias(f"_c{k}") for k, (_, column, _) in enumerate(features)]
     if weights is not None:
         proj.append(F.col("weight").cast("double").alias("_w"))
-    cells = df.select(*proj).mapInArrow(
-        _partition_cells(features, weights is not None, limits, bound), "id int, codes binary, counts binary"
-    )
+    cells = df.select(*proj).mapInArrow(_partition_cells(features, weights is not None, limits, bound), _CELL_SCHEMA)
     return cells.groupBy("id").applyInArrow(_item_entropy, "id int, cells long, h double")
 
 
@@ -837,8 +902,10 @@ def run(spark: SparkSession, cfg: Config) -> dict[str, Any]:
         train = read_table(spark, prepared_path(prepared, "train"))
         weights = train.groupBy("item_index").agg(F.count(F.lit(1)).alias("weight"))
 
-    # The Arrow engine: one scan of the input, no stats job (see pairwise_mutual_info).
-    rows = pairwise_mutual_info(items, features, weights).collect()
+    # arrow: one scan, no stats job; sql: built-ins only, with the stats job that picks its plan.
+    engine = cfg.prepare.mi_engine
+    stats = feature_stats(items, features) if engine == "sql" else None
+    rows = pairwise_mutual_info(items, features, weights, stats, engine=engine).collect()
     expected = len(features) * (len(features) - 1) // 2
     if len(rows) != expected or any(r["mi"] is None for r in rows):
         source = "train/ joined to items/ on item_index" if weights is not None else "items/"

@@ -27,14 +27,23 @@ from spark_jobs.mutual_info import (
 )
 
 TOL = 1e-9
-# Both execution plans must give the same numbers: without stats (one explode, one aggregation)
-# and with them (blocks of low-cardinality features + radix-partitioned high-cardinality pairs).
-PLANS = ["one_aggregation", "blocks_and_radix"]
+# Every engine and plan must give the same numbers: the Arrow engine (what run() uses), and the
+# built-in SQL engine without stats (one explode, one aggregation) and with them (blocks of
+# low-cardinality features + radix-partitioned high-cardinality pairs).
+PLANS = ["arrow", "one_aggregation", "blocks_and_radix"]
 
 
-def _mi(items, feats, weights=None, plan="one_aggregation"):
+def _plans_by_seed(plans: list[str], seeds: list[int]) -> list[tuple[int, str]]:
+    """``(seed, plan)`` pairs: every seed on the Arrow engine (what ``run()`` uses), the first
+    seed on every other plan, so that each plan is checked without multiplying Spark jobs."""
+    return [(seed, plan) for plan in plans for seed in (seeds if plan == "arrow" else seeds[:1])]
+
+
+def _mi(items, feats, weights=None, plan="arrow"):
     """Collected result of one plan. ``tiny_blocks``: blocks_and_radix with a block budget of 64
-    cells, so that tiny test data has pairs in both branches, multi-valued ones included."""
+    cells, so that tiny test data has pairs in both branches, multi-valued ones included.
+    ``arrow_tiny``: the Arrow engine counting chunks of 7 rows (so partial counts are merged inside
+    a partition too) with the sort-based (sparse) path for every pair and marginal."""
     if plan == "tiny_blocks":
         saved = mutual_info.BLOCK_CELLS
         mutual_info.BLOCK_CELLS = 64
@@ -42,8 +51,17 @@ def _mi(items, feats, weights=None, plan="one_aggregation"):
             return _mi(items, feats, weights, "blocks_and_radix")
         finally:
             mutual_info.BLOCK_CELLS = saved
+    if plan == "arrow_tiny":
+        saved = (mutual_info.ARROW_CHUNK_ROWS, mutual_info.DENSE_MIN_SPACE, mutual_info.DENSE_SPACE_PER_ROW)
+        mutual_info.ARROW_CHUNK_ROWS, mutual_info.DENSE_MIN_SPACE, mutual_info.DENSE_SPACE_PER_ROW = 7, 0, 0
+        try:
+            return _mi(items, feats, weights, "arrow")
+        finally:
+            mutual_info.ARROW_CHUNK_ROWS, mutual_info.DENSE_MIN_SPACE, mutual_info.DENSE_SPACE_PER_ROW = saved
+    if plan == "arrow":
+        return _by_pair(pairwise_mutual_info(items, feats, weights))
     stats = feature_stats(items, feats) if plan != "one_aggregation" else None
-    return _by_pair(pairwise_mutual_info(items, feats, weights, stats=stats))
+    return _by_pair(pairwise_mutual_info(items, feats, weights, stats=stats, engine="sql"))
 
 
 def _single_items(spark, rng, n: int, cards: list[int]):
@@ -60,8 +78,7 @@ def _by_pair(out) -> dict[tuple[str, str], tuple[float, float]]:
     return {(r["feature_a"], r["feature_b"]): (r["mi"], r["nmi"]) for r in out.collect()}
 
 
-@pytest.mark.parametrize("plan", PLANS)
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed,plan", _plans_by_seed([*PLANS, "arrow_tiny"], [0, 1, 2]))
 def test_single_valued_matches_sklearn(spark, seed, plan):
     rng = np.random.default_rng(seed)
     # A constant feature, a binary one, small and large vocabularies, and the unique item id.
@@ -180,8 +197,7 @@ def _multi_units(rng, n: int) -> list[dict]:
     return units
 
 
-@pytest.mark.parametrize("plan", [*PLANS, "tiny_blocks"])
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed,plan", _plans_by_seed([*PLANS, "tiny_blocks", "arrow_tiny"], [0, 1]))
 @pytest.mark.parametrize("weighted", [False, True])
 def test_multi_valued_treatment_matches_reference(spark, seed, weighted, plan):
     rng = np.random.default_rng(100 + seed)
@@ -203,12 +219,13 @@ def test_multi_valued_treatment_matches_reference(spark, seed, weighted, plan):
     assert got[("cat", "tags")][0] > got[("cat", "genres")][0]
 
 
-def test_empty_set_is_the_mask_value(spark):
+@pytest.mark.parametrize("engine", ["arrow", "sql"])
+def test_empty_set_is_the_mask_value(spark, engine):
     # An empty tag set must count as the value 0, i.e. exactly like a row tagged [0].
     rows_empty = [(0, "a", 2, [], [], 2), (1, "b", 3, [5], [], 2), (2, "c", 3, [], [], 3), (3, "d", 2, [5, 6], [], 3)]
     rows_zero = [(i, s, c, t or [0], g, p) for i, s, c, t, g, p in rows_empty]
-    one = _by_pair(pairwise_mutual_info(spark.createDataFrame(rows_empty, MULTI_SCHEMA), MULTI_FEATURES))
-    two = _by_pair(pairwise_mutual_info(spark.createDataFrame(rows_zero, MULTI_SCHEMA), MULTI_FEATURES))
+    one = _by_pair(pairwise_mutual_info(spark.createDataFrame(rows_empty, MULTI_SCHEMA), MULTI_FEATURES, engine=engine))
+    two = _by_pair(pairwise_mutual_info(spark.createDataFrame(rows_zero, MULTI_SCHEMA), MULTI_FEATURES, engine=engine))
     assert one.keys() == two.keys()
     for k in one:
         assert one[k] == pytest.approx(two[k], abs=1e-12)
@@ -220,8 +237,7 @@ def test_empty_set_is_the_mask_value(spark):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("plan", PLANS)
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed,plan", _plans_by_seed(PLANS, [0, 1]))
 def test_train_event_weights_equal_repeated_rows(spark, seed, plan):
     rng = np.random.default_rng(200 + seed)
     pdf, items = _single_items(spark, rng, 120, [3, 6, 25])
@@ -272,12 +288,12 @@ def test_planted_structure(spark, plan):
 # ---------------------------------------------------------------------------------------------
 
 
-def _jobs_and_plan(spark, items, feats, stats=None):
+def _jobs_and_plan(spark, items, feats, stats=None, engine="sql"):
     sc = spark.sparkContext
     group = f"mi-test-{uuid.uuid4().hex}"
     sc.setJobGroup(group, "mutual info job count")
     try:
-        out = pairwise_mutual_info(items, feats, stats=stats)
+        out = pairwise_mutual_info(items, feats, stats=stats, engine=engine)
         out.collect()
     finally:
         sc.setLocalProperty("spark.jobGroup.id", None)
@@ -347,14 +363,83 @@ def test_plan_groups_serves_every_pair_and_marginal_once(seed):
     assert all(g.direct for g in plan_groups(nf, None)) and len(plan_groups(nf, None)) == npairs + nf
 
 
-def test_out_of_range_index_fails_with_a_clear_error(spark):
+@pytest.mark.parametrize("engine", ["arrow", "sql"])
+def test_out_of_range_index_fails_with_a_clear_error(spark, engine):
     items = spark.createDataFrame([(0, 2, 3), (1, -4, 3)], "item_index int, f_a int, f_b int")
     feats = [("a", "f_a", False), ("b", "f_b", False)]
     with pytest.raises(Exception, match="f_a.*-4.*expected an encoded vocabulary index"):
-        pairwise_mutual_info(items, feats).collect()
+        pairwise_mutual_info(items, feats, engine=engine).collect()
     # With stats, the bound is the cardinality they state.
     with pytest.raises(Exception, match="f_b.*index 3.*\\[0, 3\\)"):
-        pairwise_mutual_info(items.where("f_a >= 0"), feats, stats=FeatureStats((3, 3), 2)).collect()
+        pairwise_mutual_info(items.where("f_a >= 0"), feats, stats=FeatureStats((3, 3), 2), engine=engine).collect()
+    # Inside a multi-valued set too.
+    tags = spark.createDataFrame([(0, 2, [3, -1])], "item_index int, f_a int, f_t array<int>")
+    with pytest.raises(Exception, match="f_t.*-1.*expected an encoded vocabulary index"):
+        pairwise_mutual_info(tags, [("a", "f_a", False), ("t", "f_t", True)], engine=engine).collect()
+
+
+def test_arrow_engine_rejects_nulls_and_unknown_engines(spark):
+    feats = [("a", "f_a", False), ("b", "f_b", False)]
+    items = spark.createDataFrame([(0, 2, 3), (1, None, 3)], "item_index int, f_a int, f_b int")
+    with pytest.raises(Exception, match="f_a.*index null.*expected an encoded vocabulary index"):
+        pairwise_mutual_info(items, feats).collect()
+    tags = spark.createDataFrame([(0, 2, [3, None])], "item_index int, f_a int, f_t array<int>")
+    with pytest.raises(Exception, match="f_t.*index null"):
+        pairwise_mutual_info(tags, [("a", "f_a", False), ("t", "f_t", True)]).collect()
+    with pytest.raises(ValueError, match="engine must be"):
+        pairwise_mutual_info(items, feats, engine="pandas")
+
+
+def test_arrow_plan_scans_once_in_a_constant_number_of_jobs(spark, parquet_items):
+    few = [(f"k{k}", f"f_{k}", False) for k in range(3)]
+    many = [("item_id", "item_index", False)] + [(f"k{k}", f"f_{k}", False) for k in range(8)]
+    jobs_few, _ = _jobs_and_plan(spark, parquet_items, few, engine="arrow")
+    jobs_many, plan = _jobs_and_plan(spark, parquet_items, many, engine="arrow")
+    assert jobs_many == jobs_few
+    assert 1 <= jobs_many <= 6
+    # One scan (no stats job), one vectorised counting pass, one grouped merge per pair/marginal.
+    assert plan.count("FileScan parquet") == 1, plan
+    assert plan.count("MapInArrow") == 1, plan
+    assert plan.count("FlatMapGroupsInArrow") == 1, plan
+
+
+# ---------------------------------------------------------------------------------------------
+# The Arrow engine's numpy kernels, without Spark
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unit_dedupes_sets_and_gives_empty_sets_the_mask_index():
+    import pyarrow as pa
+
+    col = pa.array([[5, 3, 5], [], None, [4], [2, 2]], pa.list_(pa.int32()))
+    for arr in (col, col.slice(1)):  # a sliced list array (a later chunk of a batch) too
+        u = mutual_info._unit(arr, "f_t", True, 10, "test")
+        want = [sorted(set(v or [])) or [0] for v in arr.to_pylist()]
+        assert u.lens.tolist() == [len(v) for v in want]
+        assert u.values.tolist() == [x for v in want for x in v]
+        assert u.rows.tolist() == [r for r, v in enumerate(want) for _ in v]
+        assert u.starts.tolist() == [0, *np.cumsum([len(v) for v in want]).tolist()]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_dense_and_sparse_counts_agree(weighted):
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, 40, 500), rng.integers(0, 30, 500)
+    w = rng.random(500) if weighted else None
+    dense = mutual_info._count(a, b, w, (1 << 20, 8))
+    sparse = mutual_info._count(a, b, w, (0, 0))
+    assert np.array_equal(dense[0], sparse[0])
+    assert np.allclose(dense[1], sparse[1], rtol=0, atol=1e-12)
+    want: dict[tuple[int, int], float] = defaultdict(float)
+    for k in range(500):
+        want[(int(a[k]), int(b[k]))] += 1.0 if w is None else float(w[k])
+    got = {(int(c) >> 32, int(c) & 0xFFFFFFFF): n for c, n in zip(*sparse)}
+    assert got.keys() == want.keys()
+    assert all(got[k] == pytest.approx(want[k], abs=1e-12) for k in want)
+    # Merging two halves' partial counts gives the counts of the whole.
+    half = [mutual_info._count(a[s], b[s], None if w is None else w[s]) for s in (slice(0, 200), slice(200, 500))]
+    merged = mutual_info._merge(half)
+    assert np.array_equal(merged[0], sparse[0]) and np.allclose(merged[1], sparse[1], rtol=0, atol=1e-12)
 
 
 def test_bad_arguments_are_reported(spark):
@@ -374,12 +459,12 @@ def test_bad_arguments_are_reported(spark):
 # ---------------------------------------------------------------------------------------------
 
 
-def _config(tmp_path, population: str):
+def _config(tmp_path, population: str, engine: str = "arrow"):
     return from_dict(
         {
             "features": {"item": {"cat": "categorical", "tags": {"type": "multi"}}},
             "paths": {"prepared": str(tmp_path / "prepared"), "raw": str(tmp_path / "raw"), "runs": str(tmp_path / "runs")},
-            "prepare": {"mi_population": population},
+            "prepare": {"mi_population": population, "mi_engine": engine},
         }
     )
 
@@ -409,9 +494,9 @@ def _write_prepared(spark, cfg, with_manifest: bool = True):
     return items, events
 
 
-@pytest.mark.parametrize("population", ["catalogue", "train_events"])
-def test_run_writes_stats_table(spark, tmp_path, population):
-    cfg = _config(tmp_path, population)
+@pytest.mark.parametrize("population,engine", [("catalogue", "arrow"), ("train_events", "arrow"), ("train_events", "sql")])
+def test_run_writes_stats_table(spark, tmp_path, population, engine):
+    cfg = _config(tmp_path, population, engine)
     items, events = _write_prepared(spark, cfg)
     section = mutual_info.run(spark, cfg)
     assert section == {
