@@ -311,7 +311,7 @@ def _protocol(record: dict[str, Any], results: Sequence[TrialResult]) -> list[st
     steps = r0.history[-1]["global_step"] if r0.history else 0
     catalogue = counts.get("items", 0)
     lines = [
-        f"- Dataset: `{c['dataset']['kind']}`, prepared folder `{c['paths']['prepared']}` "
+        f"- Dataset: `{c['dataset']['kind']}`, prepared folder `{_shown_path(c['paths']['prepared'])}` "
         f"(split `{c['prepare']['split']['kind']}`, eval fraction {c['prepare']['split']['eval_fraction']:g}).",
         f"- Eval: {counts.get('users', '?')} users scored, {counts.get('ground_truth_pairs', '?')} (user, item) pairs, "
         f"full catalogue of {catalogue:,} items ranked by exact dot product, items seen in train excluded.",
@@ -335,13 +335,22 @@ def _protocol(record: dict[str, Any], results: Sequence[TrialResult]) -> list[st
     return lines
 
 
+def _shown_path(path: str) -> str:
+    """A path under the current directory as a relative one (reports are read in other checkouts)."""
+    if "://" in path:
+        return path
+    real = os.path.realpath(path)
+    rel = os.path.relpath(real)
+    return path if rel.startswith("..") else rel
+
+
 def _tuning_section(record: dict[str, Any]) -> list[str]:
     t = record.get("tuning")
     if not t:
         return ["No tuning stage: every method ran with the base config's values."]
     key = t["select_by"]
     lines = [
-        f"Hyper-parameters were chosen on a **validation split carved from train** (`{t['prepared']}`, prepared with "
+        f"Hyper-parameters were chosen on a **validation split carved from train** (`{_shown_path(t['prepared'])}`, prepared with "
         f"`prepare.split.holdout=validation`: the eval events are withheld and train is split again by the same rule), "
         f"by mean validation {key} over seeds {t['seeds']}. The eval split was never used for choosing.",
         "",
