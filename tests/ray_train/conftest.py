@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,24 @@ def driver_of(cluster):
         else:
             os.environ["RAY_AUTH_MODE"] = old_mode
         _RayConfig.initialize("")
+
+
+def start_module(cluster, module: str, args: list[str], log: Path) -> subprocess.Popen:
+    """``python -m module args`` as a driver of ``cluster``, output to ``log``."""
+    with open(log, "w") as fh:
+        return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=cluster.env(),
+                                stdout=fh, stderr=subprocess.STDOUT)
+
+
+def run_module(cluster, module: str, args: list[str], log: Path, timeout: float) -> tuple[int, str]:
+    """``start_module`` and wait; a run past ``timeout`` is killed and fails the test with its log."""
+    import pytest
+
+    proc = start_module(cluster, module, args, log)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"python -m {module} did not finish in {timeout}s; log tail:\n{log.read_text()[-6000:]}")
+    return rc, log.read_text()

@@ -177,8 +177,15 @@ def test_metrics_file_has_exactly_the_documented_keys(run):
     assert on_disk == metrics
     ks = cfg.eval.ks
     metric_keys = {f"{m}@{k}" for k in ks for m in ("recall", "ndcg")}
-    assert set(metrics) == metric_keys | {"by_bucket", "mostpop", "counts"}  # no "ann" before export
-    assert set(metrics["mostpop"]) == metric_keys | {"by_bucket"}
+    assert set(metrics) == metric_keys | {"by_bucket", "by_popularity_decile", "mostpop", "counts"}  # no "ann" yet
+    assert set(metrics["mostpop"]) == metric_keys | {"by_bucket", "by_popularity_decile"}
+    for deciles in (metrics["by_popularity_decile"], metrics["mostpop"]["by_popularity_decile"]):
+        # Ten groups that partition the real catalogue, most clicked first.
+        assert [d["group"] for d in deciles] == list(range(10))
+        assert sum(d["items"] for d in deciles) == metrics["counts"]["items"]
+        assert all(a["min_count"] >= b["max_count"] for a, b in zip(deciles, deciles[1:]))
+        assert all({f"recall@{k}" for k in ks} <= set(d) for d in deciles)
+        assert all(d[f"recall@{k}"] is None or 0.0 <= d[f"recall@{k}"] <= 1.0 for d in deciles for k in ks)
     for block in (metrics["by_bucket"], metrics["mostpop"]["by_bucket"]):
         assert set(block) == {"head", "tail", "cold"}
         assert all(set(v) == {f"recall@{k}" for k in ks} for v in block.values())

@@ -4,8 +4,6 @@ the session's local Ray cluster, its report, and resume (finished trials are not
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 import yaml
 
 from common.experiment import METHODS, final_trials, inherit_choices, load_experiment, tuning_trials
-from tests.ray_train.conftest import ROOT, TINY_MODEL
+from tests.ray_train.conftest import ROOT, TINY_MODEL, run_module
 
 
 def test_shipped_experiment_configs_load_and_build_valid_trial_configs():
@@ -47,16 +45,7 @@ def test_tuning_refuses_a_folder_whose_eval_is_the_eval_split(prepared_dir):
 
 
 def _run_experiment(cluster, config: Path, log: Path, timeout: float = 600) -> str:
-    with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "ray_train.experiment", "--config", str(config)],
-                                cwd=ROOT, env=cluster.env(), stdout=fh, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"ray_train.experiment did not finish in {timeout}s; log tail:\n{log.read_text()[-6000:]}")
-    text = log.read_text()
+    rc, text = run_module(cluster, "ray_train.experiment", ["--config", str(config)], log, timeout)
     assert rc == 0, f"ray_train.experiment failed (exit {rc}); log tail:\n{text[-6000:]}"
     return text
 

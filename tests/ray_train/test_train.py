@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.ray_train.conftest import ROOT, TINY_MODEL
+from tests.ray_train.conftest import ROOT, TINY_MODEL, run_module, start_module
 
 CONFIG = str(ROOT / "conf" / "default.yaml")
 
@@ -141,22 +141,11 @@ def train_args(prepared: str, runs: Path, *sets: str, run_name: str | None = Non
 
 
 def start_train(cluster, args: list[str], log: Path) -> subprocess.Popen:
-    fh = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "ray_train.train", *args], cwd=ROOT, env=cluster.env(),
-                            stdout=fh, stderr=subprocess.STDOUT)
-    fh.close()
-    return proc
+    return start_module(cluster, "ray_train.train", args, log)
 
 
 def run_train(cluster, args: list[str], log: Path, timeout: float = 420) -> tuple[int, str]:
-    proc = start_train(cluster, args, log)
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"ray_train.train did not finish in {timeout}s; log tail:\n{tail(log)}")
-    return rc, log.read_text()
+    return run_module(cluster, "ray_train.train", args, log, timeout)
 
 
 def tail(log: Path, n: int = 6000) -> str:
