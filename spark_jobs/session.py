@@ -7,6 +7,7 @@ session spark-submit already configured and ``spark.master`` from the config is 
 from __future__ import annotations
 
 import os
+import sys
 
 from pyspark.sql import SparkSession
 
@@ -25,6 +26,10 @@ def get_spark(cfg: SparkConfig) -> SparkSession:
     builder = SparkSession.builder.appName(cfg.app_name)
     if not _launched_by_spark_submit():
         builder = builder.master(cfg.master).config("spark.driver.memory", cfg.driver_memory)
+        if cfg.master.startswith("local"):
+            # Python workers (the mutual-information job's Arrow engine) must import numpy and
+            # pyarrow: run them with this interpreter, not whatever `python3` is on the PATH.
+            os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = (
         builder.config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions))
         .config("spark.sql.session.timeZone", "UTC")
