@@ -30,31 +30,20 @@ Target: ray-data / memory >= 0.9.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _inputs import WorkerInputs, add_common_args, load_inputs  # noqa: I001 (bench/ is on sys.path)
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import torch
 
-from common.config import Config, load_config  # noqa: E402
-from common.features import specs_from_manifest  # noqa: E402
-from common.manifest import read_manifest  # noqa: E402
-from common.task import TwoTowerTask  # noqa: E402
-from ray_train.data import (  # noqa: E402
+from common.task import TwoTowerTask
+from ray_train.data import (
     collate_table,
     epoch_generator,
     iter_train_batches,
-    load_catalogue,
-    load_log_q,
-    load_mutual_info,
     parquet_uncompressed_bytes,
     read_table,
     read_train_dataset,
@@ -63,36 +52,32 @@ from ray_train.data import (  # noqa: E402
     table_uri,
     train_columns,
 )
-from ray_train.worker import forward_losses  # noqa: E402
+from ray_train.worker import forward_losses
 
 
-def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(ROOT / "conf" / "default.yaml"))
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
-    p.add_argument("--prepared", default=None, help="prepared folder (default: paths.prepared of the config)")
+    add_common_args(p)
     p.add_argument("--epochs", type=int, default=4, help="epochs per feed, the first one untimed")
     p.add_argument("--threads", type=int, default=1, help="torch threads (a 1-CPU Ray Train worker gets 1)")
     p.add_argument("--repeats", type=int, default=3, help="alternating memory / Ray Data runs")
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the local Ray instance")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
     if args.epochs < 2:
         p.error("--epochs must be >= 2 (the first epoch is a warm-up)")
-    return args, cfg
+    return args
 
 
 class Loop:
     """The worker's per-step body on one model; ``run(batches)`` trains on an iterable of batches."""
 
-    def __init__(self, cfg: Config, prepared: str) -> None:
-        self.cfg = cfg
-        manifest = read_manifest(prepared)
-        self.manifest = manifest
-        self.specs = specs_from_manifest(manifest)
-        self.catalogue = load_catalogue(prepared, manifest, self.specs)
-        self.log_q = load_log_q(prepared, manifest, self.catalogue)
-        self.mutual_info = load_mutual_info(prepared, manifest)
+    def __init__(self, inputs: WorkerInputs) -> None:
+        self.cfg = inputs.cfg
+        self.manifest = inputs.manifest
+        self.specs = inputs.specs
+        self.catalogue = inputs.catalogue
+        self.log_q = inputs.log_q
+        self.mutual_info = inputs.mutual_info
 
     def fresh(self) -> None:
         torch.manual_seed(self.cfg.train.seed)
@@ -127,13 +112,14 @@ def timed(loop: Loop, make_batches, epochs: int) -> tuple[float, float, int]:
 
 
 def main(argv=None) -> dict[str, float]:
-    args, cfg = parse_args(argv)
-    prepared = os.path.abspath(args.prepared or cfg.paths.prepared)
+    args = parse_args(argv)
+    inputs = load_inputs(args)
+    cfg, prepared = inputs.cfg, inputs.prepared
     torch.set_num_threads(args.threads)
     import ray
 
     ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
-    loop = Loop(cfg, prepared)
+    loop = Loop(inputs)
     B = cfg.train.batch_size
     cols = train_columns(loop.specs)
     uri = table_uri(prepared, loop.manifest, "train")

@@ -19,56 +19,32 @@ costs, not more.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _inputs import add_common_args, load_inputs  # noqa: I001 (bench/ is on sys.path)
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from common.config import load_config  # noqa: E402
-from common.features import specs_from_manifest  # noqa: E402
-from common.manifest import read_manifest  # noqa: E402
-from common.task import TwoTowerTask  # noqa: E402
-from ray_train.data import (  # noqa: E402
-    collate_table,
-    epoch_generator,
-    load_catalogue,
-    load_log_q,
-    load_mutual_info,
-    read_table,
-    table_uri,
-    train_columns,
-)
-from ray_train.worker import forward_losses  # noqa: E402
+from common.task import TwoTowerTask
+from ray_train.data import collate_table, epoch_generator, read_table, table_uri, train_columns
+from ray_train.worker import forward_losses
 
 
 def main(argv=None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(ROOT / "conf" / "default.yaml"))
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
-    p.add_argument("--prepared", default=None, help="prepared folder (default: paths.prepared of the config)")
+    add_common_args(p)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    base = load_config(args.config, args.overrides)
+    inputs = load_inputs(args)
+    base, specs, catalogue, log_q, mutual_info = inputs.cfg, inputs.specs, inputs.catalogue, inputs.log_q, inputs.mutual_info
     B = base.train.batch_size
-    prepared = os.path.abspath(args.prepared or base.paths.prepared)
-    manifest = read_manifest(prepared)
-    specs = specs_from_manifest(manifest)
-    catalogue = load_catalogue(prepared, manifest, specs)
-    log_q = load_log_q(prepared, manifest, catalogue)
-    mutual_info = load_mutual_info(prepared, manifest)
-    table = read_table(table_uri(prepared, manifest, "train"), train_columns(specs))
+    table = read_table(table_uri(inputs.prepared, inputs.manifest, "train"), train_columns(specs))
     steps = min(args.steps, table.num_rows // B)
     if steps < 1:
         p.error(f"train/ has {table.num_rows} rows, less than one batch of {B}")
