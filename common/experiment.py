@@ -193,7 +193,8 @@ class Trial:
                      dict(d["params"]), dict(d["values"]))
 
 
-def _fmt_value(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A grid value as trial ids and report rows spell it (floats in ``%g``)."""
     if isinstance(v, float):
         return f"{v:g}"
     return str(v)
@@ -212,8 +213,8 @@ def _trial(stage: str, method: str, fraction: float, seed: int, params: Mapping[
     parts = ["tune"] if stage == "tune" else []
     parts.append(method)
     if stage == "final" or fraction != 1.0:
-        parts.append(f"f{_fmt_value(fraction)}")
-    parts += [f"{k}={_fmt_value(v)}" for k, v in sorted(params.items())]
+        parts.append(f"f{format_value(fraction)}")
+    parts += [f"{k}={format_value(v)}" for k, v in sorted(params.items())]
     parts.append(f"s{seed}")
     return Trial("-".join(parts), stage, method, fraction, seed, dict(params), values)  # type: ignore[arg-type]
 

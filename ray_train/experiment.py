@@ -194,11 +194,11 @@ def run_experiment(exp: ExperimentConfig, base: Mapping[str, Any], config_path: 
     tuning_rows: list[dict[str, Any]] = []
     if tune_list:
         check_prepared(trial_config(base, exp, tune_list[0]), "validation", "tuning")
-    probe = final_trials(exp, {})[0]
-    check_prepared(trial_config(base, exp, probe), "eval", "final grid")
+    probe = trial_config(base, exp, final_trials(exp, {})[0])
+    check_prepared(probe, "eval", "final grid")
 
     if not report_only:
-        init_ray(trial_config(base, exp, probe), concurrent_runs=exp.max_concurrent_trials)
+        init_ray(probe, concurrent_runs=exp.max_concurrent_trials)
     if tune_list:
         metrics = ({t.trial_id: read_metrics(trial_dir(exp, t)) or {} for t in tune_list} if report_only
                    else run_trials(exp, base, tune_list, "tuning"))

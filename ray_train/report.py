@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from common.experiment import BASELINE
+from common.experiment import BASELINE, format_value
 
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"
@@ -51,7 +51,7 @@ class TrialResult:
         grid = self.trial.get("grid_params", {})
         if not grid:
             return self.trial["method"]
-        return f"{self.trial['method']} ({', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in sorted(grid.items()))})"
+        return f"{self.trial['method']} ({', '.join(f'{k}={format_value(v)}' for k, v in sorted(grid.items()))})"
 
 
 def _read_json(path: str) -> Any:
